@@ -1,0 +1,6 @@
+"""Model config entries: ``model=<name>`` is ``conf/model/<name>.yaml`` and
+``benchmark/models/<name>.py``. Every model is an ``ImageClassifier``."""
+
+from benchmark.models.base import ActivationSite, ConvSite, ImageClassifier
+
+__all__ = ["ActivationSite", "ConvSite", "ImageClassifier"]
