@@ -35,5 +35,5 @@ def seed_everything(seed: int, *names: object) -> None:
     """
     s = derive_seed(seed, *names)
     random.seed(s)
-    np.random.seed(s % 2**32)
+    np.random.seed(s % 2**32)  # noqa: NPY002 - seeds the legacy global state on purpose
     torch.manual_seed(s)

@@ -28,7 +28,9 @@ class Dataset(ABC):
         name: the config name (``dataset=<name>``).
         num_classes: number of classes.
         image_shape: ``(C, H, W)`` of every image.
-        mean, std: per-channel normalisation statistics, used inside the model's ``forward``.
+        mean, std: per-channel normalisation statistics, used inside the model's ``forward``;
+            folder datasets may compute them from the training images, so they can be None
+            until ``load()`` (the runner builds models only after loading).
         hflip: whether a horizontal flip keeps an image's label (False for digits and signs).
         crop_padding: padding of the random-crop augmentation, in pixels.
         train_size, test_size: sizes of the full splits, known without loading the images.
@@ -37,8 +39,8 @@ class Dataset(ABC):
     name: ClassVar[str]
     num_classes: int
     image_shape: tuple[int, int, int]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
     hflip: bool = False
     crop_padding: int = 4
     train_size: int
@@ -93,7 +95,8 @@ class Dataset(ABC):
         train, test = self.load_full()
         if self.max_train is not None and self.max_train < len(train):
             gen = generator(self.seed, "dataset", self.name, "max_train")
-            train = train.subset(stratified_indices(train.y, self.max_train, train.num_classes, gen))
+            index = stratified_indices(train.y, self.max_train, train.num_classes, gen)
+            train = train.subset(index)
         if self.max_test is not None and self.max_test < len(test):
             gen = generator(self.seed, "dataset", self.name, "max_test")
             test = test.subset(stratified_indices(test.y, self.max_test, test.num_classes, gen))

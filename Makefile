@@ -1,0 +1,48 @@
+# Set-up and everyday commands. `make help` lists them.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGS ?=
+PYTEST_ARGS ?=
+
+.DEFAULT_GOAL := help
+.PHONY: help install run test test-fast lint format bench tables clean
+
+help: ## List the targets
+	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
+		awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	@touch $@
+
+install: $(VENV)/.installed ## Create .venv and install the project (torch, torchvision, timm, hydra, ...)
+
+run: install ## Run the default experiment (BadNets, mnist5k, small_cnn, undefended); ARGS="..." adds overrides
+	$(PY) -m benchmark.run $(ARGS)
+
+test: install ## Run the whole CPU test suite (what CI runs)
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-fast: install ## Run the tests not marked slow
+	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+lint: install ## ruff lint and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: install ## Format and autofix with ruff
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+bench: install ## Training-throughput benchmark -> results/bench/train_throughput.json
+	$(PY) scripts/bench_train.py $(ARGS)
+
+tables: install ## Collect outputs/**/metrics.json -> results/tables/
+	$(PY) scripts/collect_results.py outputs --out results/tables/results.csv
+
+clean: ## Remove caches and run outputs (keeps .venv and data/)
+	rm -rf outputs multirun wandb .cache .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -not -path './.venv/*' -prune -exec rm -rf {} +

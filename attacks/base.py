@@ -1,0 +1,157 @@
+"""The attack interface: poison a training set, trigger a test batch.
+
+An attack is a config entry (``attack=<name>`` -> ``conf/attack/<name>.yaml`` ->
+``attacks/<name>.py``). It sees pixels in [0, 1] and works on whole batches. The two operations
+are separate (backdoor-toolbox's good idea):
+
+- ``poison(train, gen)``: a ``PoisonedSet`` with triggered images (stored as uint8), changed
+  labels for dirty-label attacks, and the ground truth (``is_poison``, ``y_orig``,
+  ``src_index``) that only the runner reads. Indices are drawn from ``gen`` alone.
+- ``apply_trigger(x)``: the trigger on a float batch, used for poisoning and for the test set.
+
+Definitions (also in the README): ``poison_rate`` is the fraction of the whole training set
+that is poisoned (the set the model trains on, after the defender's clean reserve is carved
+out). Dirty-label samples are drawn from every class, target class included (BackdoorBench).
+The backdoor test set holds every test image whose true label is not the target (all-to-one)
+or every test image (all-to-all, where each label maps to another class).
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from benchmark.data import to_float, to_uint8
+from benchmark.errors import ConfigError
+from benchmark.types import ImageSet, PoisonedSet
+
+Mode = Literal["all2one", "all2all"]
+_CHUNK = 4096  # samples triggered at once, to bound memory on large sets
+
+
+class Attack(ABC):
+    """Base class of every attack.
+
+    Args:
+        target_class: the target label of an all-to-one attack.
+        poison_rate: fraction of the training set that is poisoned, in (0, 1].
+        mode: ``all2one`` (every triggered input -> ``target_class``) or ``all2all``
+            (label ``y`` -> ``(y + 1) mod K``).
+    """
+
+    name: ClassVar[str]
+    kind: ClassVar[str]  # "dirty_label" | "clean_label" | "training_control" | "natural"
+    controls_training: ClassVar[bool] = False
+    modes: ClassVar[tuple[str, ...]] = ("all2one", "all2all")
+
+    def __init__(self, target_class: int = 0, poison_rate: float = 0.1,
+                 mode: Mode = "all2one") -> None:
+        if isinstance(target_class, bool) or not isinstance(target_class, int) or target_class < 0:
+            raise ConfigError("attack.target_class", f"must be a class index >= 0, got "
+                              f"{target_class!r}")
+        if not isinstance(poison_rate, int | float) or not 0.0 < poison_rate <= 1.0:
+            raise ConfigError("attack.poison_rate", f"must be in (0, 1], got {poison_rate!r}")
+        if mode not in self.modes:
+            raise ConfigError("attack.mode", f"must be one of {list(self.modes)}, got {mode!r}")
+        self.target_class = target_class
+        self.poison_rate = float(poison_rate)
+        self.mode = mode
+        self.num_classes: int | None = None
+
+    # -- validation, before any data is loaded ------------------------------------------------
+    def validate(self, num_classes: int, image_shape: tuple[int, int, int], n_train: int) -> None:
+        """Check the settings against the dataset's metadata; raise ``ConfigError``.
+
+        Args:
+            num_classes: classes of the dataset.
+            image_shape: ``(C, H, W)``.
+            n_train: size of the training set the attack will poison.
+        """
+        if self.target_class >= num_classes:
+            raise ConfigError("attack.target_class", f"= {self.target_class} is not a class of "
+                              f"this dataset (0..{num_classes - 1})")
+        if self.mode == "all2all" and num_classes < 2:
+            raise ConfigError("attack.mode", "all2all needs at least two classes")
+        if self.num_poison(n_train) < 1:
+            raise ConfigError("attack.poison_rate", f"= {self.poison_rate} poisons no sample of "
+                              f"a training set of {n_train}")
+        self.num_classes = num_classes
+
+    def num_poison(self, n: int) -> int:
+        """Poisoned samples in a training set of ``n``: ``round(poison_rate * n)``."""
+        return math.floor(self.poison_rate * n + 0.5)
+
+    # -- the trigger --------------------------------------------------------------------------
+    def prepare(self, train: ImageSet, gen: torch.Generator) -> None:
+        """Build trigger state that depends on the data (e.g. a key image); default: none."""
+
+    @abstractmethod
+    def apply_trigger(self, x: Tensor) -> Tensor:
+        """The trigger on float pixels ``(N, C, H, W)`` in [0, 1]; same shape, dtype, range."""
+
+    def target_labels(self, y: Tensor) -> Tensor:
+        """The labels a triggered input should get."""
+        if self.mode == "all2all":
+            if self.num_classes is None:
+                raise RuntimeError("validate() must run before all2all labels are known")
+            return (y + 1) % self.num_classes
+        return torch.full_like(y, self.target_class)
+
+    def trigger_uint8(self, x: Tensor) -> Tensor:
+        """``apply_trigger`` on uint8 images, quantised back to uint8 (as stored files are)."""
+        out = torch.empty_like(x)
+        for i in range(0, x.shape[0], _CHUNK):
+            out[i:i + _CHUNK] = to_uint8(self.apply_trigger(to_float(x[i:i + _CHUNK])))
+        return out
+
+    def batch_hook(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+        """Training-controlled attacks (``controls_training = True``) poison each batch here,
+        on float pixels before augmentation; data-poisoning attacks do not use it."""
+        raise NotImplementedError(f"{type(self).__name__} does not control training")
+
+    # -- poisoning ----------------------------------------------------------------------------
+    def select(self, train: ImageSet, gen: torch.Generator) -> Tensor:
+        """Sorted indices of the samples to poison: ``num_poison`` drawn from the whole set."""
+        n = len(train)
+        return torch.sort(torch.randperm(n, generator=gen)[: self.num_poison(n)]).values
+
+    def poison(self, train: ImageSet, gen: torch.Generator) -> PoisonedSet:
+        """A poisoned copy of ``train``; ``train`` itself is never modified."""
+        idx = self.select(train, gen).to(train.device)
+        x, y = train.x.clone(), train.y.clone()
+        x[idx] = self.trigger_uint8(train.x[idx])
+        if self.kind != "clean_label":
+            y[idx] = self.target_labels(train.y[idx])
+        is_poison = torch.zeros(len(train), dtype=torch.bool, device=train.device)
+        is_poison[idx] = True
+        return PoisonedSet(x, y, train.classes, is_poison=is_poison, y_orig=train.y.clone(),
+                           src_index=torch.arange(len(train), device=train.device))
+
+    def backdoor_test_set(self, test: ImageSet) -> PoisonedSet:
+        """Triggered test images whose true label is not the target, labelled as the attack
+        wants them; ``y_orig`` keeps the true labels (for robust accuracy)."""
+        if self.mode == "all2one":
+            keep = torch.nonzero(test.y != self.target_class).flatten()
+        else:
+            keep = torch.arange(len(test), device=test.device)
+        src = test.subset(keep)
+        return PoisonedSet(self.trigger_uint8(src.x), self.target_labels(src.y), test.classes,
+                           is_poison=torch.ones(len(src), dtype=torch.bool, device=test.device),
+                           y_orig=src.y.clone(), src_index=keep)
+
+    # -- state saved with the cached backdoored model -----------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Trigger state (tensors and plain values) needed to rebuild the exact trigger."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore ``state_dict()``."""
+
+    def describe(self, n_train: int) -> dict[str, Any]:
+        """Scalars for the results record."""
+        return {"attack_kind": self.kind, "target_class": self.target_class, "mode": self.mode,
+                "poison_rate": self.poison_rate, "n_poison": self.num_poison(n_train)}

@@ -1,0 +1,118 @@
+"""Content-addressed cache of backdoored models, shared by every defense of a sweep.
+
+An entry lives in ``<cache_dir>/attacked/<key>/`` where ``key`` hashes the resolved dataset,
+model, attack, train, defense-data and seed settings, minus keys that do not change the result
+(audiocraft/dora's exclude list idea). It holds:
+
+- ``entry.pt``: the model ``state_dict``, the poison and clean-reserve indices, the attack's
+  trigger state and the training history (loaded with ``weights_only=True``);
+- ``entry.sha256``: the checksum of ``entry.pt``, written last: an entry is complete only when
+  both exist and agree, so a process killed mid-write leaves an entry that is simply rebuilt;
+- ``config.yaml``: the settings that made it, for people;
+- ``train_ckpt.pt`` while training: the per-epoch checkpoint that an interrupted run resumes.
+
+Concurrent jobs that need the same entry serialise on ``<key>.lock``, so it is trained once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from filelock import FileLock
+from omegaconf import DictConfig, OmegaConf
+
+from benchmark.io import atomic_torch_save, atomic_write_text, sha256_file
+
+log = logging.getLogger(__name__)
+
+# Bump when the entry format or anything that changes trained models changes meaning.
+CACHE_VERSION = 1
+# Keys that never change the trained model: where files live, download switches, progress bars.
+EXCLUDE_KEYS = frozenset({"download", "cache_dir", "progress"})
+
+
+def _strip(node: Any) -> Any:
+    if isinstance(node, dict):
+        return {k: _strip(v) for k, v in sorted(node.items()) if k not in EXCLUDE_KEYS}
+    if isinstance(node, list):
+        return [_strip(v) for v in node]
+    return node
+
+
+def cache_key(cfg: DictConfig, groups: tuple[str, ...] = ("dataset", "model", "attack", "train",
+                                                          "defense_data", "seed")) -> str:
+    """A short hash of the resolved settings that determine the backdoored model."""
+    payload = {g: _strip(OmegaConf.to_container(cfg[g], resolve=True))
+               if isinstance(cfg[g], DictConfig) else cfg[g] for g in groups}
+    payload["version"] = CACHE_VERSION
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+class ModelCache:
+    """The folder of cached backdoored models.
+
+    Args:
+        root: the cache folder (``paths.cache_dir``).
+        enabled: when False, nothing is read or written; ``entry_dir`` is still usable as a
+            scratch folder of the run.
+    """
+
+    def __init__(self, root: str | Path, enabled: bool = True) -> None:
+        self.root = Path(root) / "attacked"
+        self.enabled = enabled
+
+    def entry_dir(self, key: str) -> Path:
+        return self.root / key
+
+    def lock(self, key: str) -> FileLock:
+        self.root.mkdir(parents=True, exist_ok=True)
+        return FileLock(str(self.root / f"{key}.lock"))
+
+    def load(self, key: str) -> dict[str, Any] | None:
+        """The entry's payload, or None when missing, incomplete or damaged (then removed)."""
+        if not self.enabled:
+            return None
+        folder = self.entry_dir(key)
+        entry, digest = folder / "entry.pt", folder / "entry.sha256"
+        if not entry.exists():
+            return None
+        if not digest.exists():
+            log.warning("cache entry %s is incomplete; rebuilding it", folder)
+            self._discard(folder)
+            return None
+        try:
+            if sha256_file(entry) != digest.read_text().strip():
+                raise ValueError("checksum mismatch")
+            payload = torch.load(entry, map_location="cpu", weights_only=True)
+            if payload.get("version") != CACHE_VERSION:
+                raise ValueError(f"version {payload.get('version')} != {CACHE_VERSION}")
+        except Exception as err:
+            log.warning("cache entry %s is damaged (%s); rebuilding it", folder, err)
+            self._discard(folder)
+            return None
+        return payload
+
+    def save(self, key: str, payload: dict[str, Any], config_yaml: str) -> None:
+        """Write an entry atomically: ``entry.pt`` first, its checksum last."""
+        if not self.enabled:
+            return
+        folder = self.entry_dir(key)
+        atomic_write_text(folder / "config.yaml", config_yaml)
+        digest = atomic_torch_save({**payload, "version": CACHE_VERSION}, folder / "entry.pt")
+        atomic_write_text(folder / "entry.sha256", digest + "\n")
+
+    @staticmethod
+    def _discard(folder: Path) -> None:
+        # Keep an in-progress training checkpoint: it is still valid for resuming.
+        for name in ("entry.pt", "entry.sha256"):
+            (folder / name).unlink(missing_ok=True)
+
+    def clear(self, key: str) -> None:
+        shutil.rmtree(self.entry_dir(key), ignore_errors=True)

@@ -1,0 +1,86 @@
+"""Turn run directories into one tidy pandas table and paper-style pivots.
+
+``load_records`` reads every ``metrics.json`` under the given folders into one row per run;
+``pivot`` makes the attack rows x defense columns table of "CA / ASR / DR" (means over seeds),
+with failed runs shown as failed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+CHOICES = ("dataset", "model", "attack", "defense", "train")
+METRICS = ("clean_acc", "asr", "ra", "det_tpr", "det_fpr", "det_precision", "det_auroc", "der")
+
+
+def find_records(paths: Iterable[str | Path]) -> list[Path]:
+    """Every ``metrics.json`` in or under ``paths`` (files or folders), sorted."""
+    found: set[Path] = set()
+    for p in map(Path, paths):
+        if p.is_file() and p.name == "metrics.json":
+            found.add(p)
+        elif p.is_dir():
+            found.update(p.rglob("metrics.json"))
+    return sorted(found)
+
+
+def record_row(record: dict, source: Path) -> dict:
+    """One tidy row: choices, seed, attack scalars, backdoored (``bd_*``) and defended metrics."""
+    row: dict = {"run_dir": str(source.parent), "status": record.get("status"),
+                 "error": record.get("error"), "seed": record.get("seed")}
+    choices = record.get("choices") or {}
+    row.update({k: choices.get(k) for k in CHOICES})
+    attack = record.get("attack") or {}
+    row.update({k: attack.get(k) for k in ("poison_rate", "target_class", "mode", "n_poison")})
+    bd = record.get("backdoored") or {}
+    row.update({f"bd_{k}": bd.get(k) for k in ("clean_acc", "asr", "ra")})
+    defended = record.get("defended") or {}
+    row.update({k: defended.get(k) for k in METRICS})
+    row["total_s"] = (record.get("timing") or {}).get("total_s")
+    return row
+
+
+def load_records(paths: Iterable[str | Path]) -> pd.DataFrame:
+    """The tidy table of every run found under ``paths`` (one row per ``metrics.json``)."""
+    rows = []
+    for path in find_records(paths):
+        try:
+            rows.append(record_row(json.loads(path.read_text()), path))
+        except (OSError, json.JSONDecodeError) as err:
+            log.warning("skipping unreadable %s (%s)", path, err)
+    columns = ["run_dir", "status", "error", "seed", *CHOICES, "poison_rate", "target_class",
+               "mode", "n_poison", "bd_clean_acc", "bd_asr", "bd_ra", *METRICS, "total_s"]
+    return pd.DataFrame(rows, columns=columns)
+
+
+def _cell(group: pd.DataFrame) -> str:
+    done = group[group["status"] == "complete"]
+    if done.empty:
+        return "failed"
+    parts = [f"{100 * done[k].mean():.1f}" if done[k].notna().any() else "-"
+             for k in ("clean_acc", "asr", "det_tpr")]
+    text = " / ".join(parts)
+    if len(done) > 1:
+        text += f" (n={len(done)})"
+    if len(done) < len(group):
+        text += f" [{len(group) - len(done)} failed]"
+    return text
+
+
+def pivot(frame: pd.DataFrame) -> pd.DataFrame:
+    """(dataset, model, attack) rows x defense columns of "CA / ASR / DR" in percent, means
+    over seeds."""
+    if frame.empty:
+        return pd.DataFrame()
+    keys = ["dataset", "model", "attack", "defense"]
+    cells = {k: _cell(g) for k, g in frame.groupby(keys, dropna=False)}
+    table = pd.Series(cells).unstack()
+    table.index.names, table.columns.name = keys[:-1], "defense"
+    return table

@@ -1,0 +1,124 @@
+"""Results records: ``metrics.json`` per run, provenance, the printed table, the trigger grid.
+
+Each run writes one ``metrics.json`` into its own Hydra run directory (never a shared file, so
+parallel jobs cannot clash). The layout::
+
+    {"status": "complete" | "failed", "error": null | str,
+     "choices": {"dataset", "model", "attack", "defense", "train", ...}, "seed": int,
+     "backdoored": {"clean_acc", "asr", "ra"},
+     "defended": {"clean_acc", "asr", "ra", "det_tpr", "det_fpr", "det_precision",
+                  "det_auroc", "der"},
+     "attack": {...}, "data": {...}, "defense_extras": {...},
+     "timing": {"<stage>_s": ...}, "memory": {...}, "cache": {...}, "provenance": {...}}
+
+Rates are fractions in [0, 1]; ``det_*`` are null when the defense detects nothing.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import platform
+import resource
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+from torch import Tensor
+
+from benchmark.io import atomic_write_json
+
+STAGE_KEYS = ("clean_acc", "asr", "ra")
+DEFENDED_KEYS = (*STAGE_KEYS, "det_tpr", "det_fpr", "det_precision", "det_auroc", "der")
+PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "numpy", "pandas",
+            "wandb", "backdoor-bench")
+
+
+def empty_record(choices: dict[str, Any], seed: int) -> dict[str, Any]:
+    """A record with every canonical key, metrics null, status failed until completed."""
+    return {
+        "status": "failed", "error": None, "choices": choices, "seed": seed,
+        "backdoored": dict.fromkeys(STAGE_KEYS),
+        "defended": dict.fromkeys(DEFENDED_KEYS),
+        "attack": {}, "data": {}, "defense_extras": {}, "timing": {}, "memory": {},
+        "cache": {}, "provenance": {},
+    }
+
+
+def write_record(run_dir: str | Path, record: dict[str, Any]) -> Path:
+    """Write ``metrics.json`` atomically and return its path."""
+    path = Path(run_dir) / "metrics.json"
+    atomic_write_json(path, record)
+    return path
+
+
+def _git(*args: str) -> str | None:
+    try:
+        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, text=True,
+                             capture_output=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip()
+
+
+def provenance(device: torch.device, overrides: list[str]) -> dict[str, Any]:
+    """Git commit and dirty flag, package versions, overrides, device, time, host."""
+    versions = {}
+    for pkg in PACKAGES:
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    dirty = _git("status", "--porcelain", "--untracked-files=no")
+    return {
+        "git_commit": _git("rev-parse", "HEAD"),
+        "git_dirty": bool(dirty) if dirty is not None else None,
+        "python": sys.version.split()[0],
+        "versions": versions,
+        "overrides": list(overrides),
+        "device": str(device),
+        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                        else platform.processor() or platform.machine()),
+        "torch_threads": torch.get_num_threads(),
+        "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        "host": platform.node(),
+    }
+
+
+def memory_usage(device: torch.device) -> dict[str, float | None]:
+    """Peak resident memory of this process and peak CUDA memory, in MiB."""
+    rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
+    gpu = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
+    return {"peak_rss_mb": round(rss_kib / 1024, 1),
+            "peak_gpu_mb": round(gpu, 1) if gpu is not None else None}
+
+
+def result_table(record: dict[str, Any]) -> pd.DataFrame:
+    """Stage rows (backdoored, defended) x metric columns, as printed after a run."""
+    rows = {"backdoored": record["backdoored"], "defended": record["defended"]}
+    frame = pd.DataFrame.from_dict(rows, orient="index")
+    return frame.dropna(axis=1, how="all")
+
+
+def format_table(record: dict[str, Any]) -> str:
+    c = record["choices"]
+    title = (f"attack={c.get('attack')} defense={c.get('defense')} dataset={c.get('dataset')} "
+             f"model={c.get('model')} seed={record['seed']}")
+    table = result_table(record).to_string(float_format=lambda v: f"{v:.4f}", na_rep="-")
+    return title + "\n" + table
+
+
+def save_trigger_grid(clean: Tensor, triggered: Tensor, path: str | Path) -> Path:
+    """Save a two-row PNG: clean images on top, their triggered versions below (uint8 input)."""
+    from torchvision.utils import save_image
+
+    grid = torch.cat([clean, triggered]).float() / 255.0
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    save_image(grid, tmp, nrow=clean.shape[0], padding=1, pad_value=0.5)
+    tmp.replace(path)
+    return path

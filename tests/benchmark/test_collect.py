@@ -1,0 +1,36 @@
+"""Collecting run directories into the tidy table and the pivot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from benchmark.collect import load_records, pivot
+from benchmark.results import empty_record
+
+
+def _write(folder: Path, attack: str, defense: str, seed: int, status: str = "complete",
+           asr: float = 0.9) -> None:
+    record = empty_record({"dataset": "mnist5k", "model": "small_cnn", "attack": attack,
+                           "defense": defense, "train": "small"}, seed)
+    record["status"] = status
+    if status == "complete":
+        record["backdoored"] = {"clean_acc": 0.97, "asr": 0.99, "ra": 0.01}
+        record["defended"].update({"clean_acc": 0.95, "asr": asr, "ra": 0.1, "det_tpr": 0.8})
+    folder.mkdir(parents=True)
+    (folder / "metrics.json").write_text(json.dumps(record))
+
+
+def test_tidy_table_and_pivot(tmp_path: Path) -> None:
+    _write(tmp_path / "a", "badnets", "undefended", 0, asr=0.9)
+    _write(tmp_path / "b", "badnets", "undefended", 1, asr=0.7)
+    _write(tmp_path / "c", "badnets", "other", 0, status="failed")
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "metrics.json").write_text("{half")  # unreadable: skipped
+    frame = load_records([tmp_path])
+    assert len(frame) == 3
+    assert set(frame["seed"]) == {0, 1}
+    table = pivot(frame)
+    row = ("mnist5k", "small_cnn", "badnets")
+    assert table.loc[row, "undefended"] == "95.0 / 80.0 / 80.0 (n=2)"
+    assert table.loc[row, "other"] == "failed"

@@ -1,0 +1,69 @@
+"""Shared fixtures: composed configs with every output in a temp dir, W&B kept offline there."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from omegaconf import DictConfig, open_dict
+
+from benchmark.types import ImageSet
+
+CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """No test writes W&B files, caches or outputs outside a temp dir, or goes online."""
+    root = tmp_path_factory.mktemp("env")
+    saved = dict(os.environ)
+    os.environ.update({
+        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(root / "wandb"),
+        "WANDB_CACHE_DIR": str(root / "wandb-cache"), "WANDB_DATA_DIR": str(root / "wandb-data"),
+        "WANDB_CONFIG_DIR": str(root / "wandb-config"),
+        "BENCH_DATA_DIR": str(root / "data"), "BENCH_CACHE_DIR": str(root / "cache"),
+        "BENCH_OUTPUT_DIR": str(root / "outputs"),
+    })
+    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def compose_cfg(overrides: list[str], tmp_path: Path) -> DictConfig:
+    """The real config with ``overrides``, all paths in ``tmp_path``, resolvable outside a run."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=False)
+    with open_dict(cfg):
+        cfg.paths.data_dir = str(tmp_path / "data")
+        cfg.paths.cache_dir = str(tmp_path / "cache")
+        cfg.paths.log_dir = str(tmp_path / "outputs")
+        cfg.paths.output_dir = str(tmp_path / "run")
+    GlobalHydra.instance().clear()
+    return cfg
+
+
+@pytest.fixture
+def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
+    """``make_cfg("attack=badnets", ...)``: the smoke config plus overrides, W&B off."""
+
+    def make(*overrides: str, smoke: bool = True) -> DictConfig:
+        base = ["debug=smoke", "logger=none", "device=cpu"] if smoke else ["logger=none"]
+        return compose_cfg([*base, *overrides], tmp_path)
+
+    return make
+
+
+def toy_set(n: int = 200, num_classes: int = 4, shape: tuple[int, int, int] = (3, 12, 12),
+            seed: int = 0) -> ImageSet:
+    """Random uint8 images with balanced labels."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+    y = torch.arange(n) % num_classes
+    return ImageSet(x, y, tuple(f"c{i}" for i in range(num_classes)))
