@@ -40,9 +40,16 @@ class BadNets(Attack):
     name: ClassVar[str] = "badnets"
     kind: ClassVar[str] = "dirty_label"
 
-    def __init__(self, target_class: int = 0, poison_rate: float = 0.1, mode: Mode = "all2one",
-                 size: int = 3, position: str | Sequence[int] = "bottom_right", margin: int = 0,
-                 value: float = 1.0) -> None:
+    def __init__(
+        self,
+        target_class: int = 0,
+        poison_rate: float = 0.1,
+        mode: Mode = "all2one",
+        size: int = 3,
+        position: str | Sequence[int] = "bottom_right",
+        margin: int = 0,
+        value: float = 1.0,
+    ) -> None:
         super().__init__(target_class, poison_rate, mode)
         if not isinstance(size, int) or size < 1:
             raise ConfigError("attack.size", f"must be a positive integer, got {size!r}")
@@ -52,11 +59,14 @@ class BadNets(Attack):
             raise ConfigError("attack.value", f"must be a pixel value in [0, 1], got {value!r}")
         if isinstance(position, str):
             if position not in CORNERS:
-                raise ConfigError("attack.position", f"must be one of {list(CORNERS)} or "
-                                  f"[row, col], got {position!r}")
+                raise ConfigError(
+                    "attack.position",
+                    f"must be one of {list(CORNERS)} or [row, col], got {position!r}",
+                )
         elif len(position) != 2 or not all(isinstance(p, int) and p >= 0 for p in position):
-            raise ConfigError("attack.position", f"[row, col] needs two integers >= 0, got "
-                              f"{list(position)!r}")
+            raise ConfigError(
+                "attack.position", f"[row, col] needs two integers >= 0, got {list(position)!r}"
+            )
         self.size, self.margin, self.value = size, margin, float(value)
         self.position = position if isinstance(position, str) else tuple(position)
         self.origin: tuple[int, int] | None = None
@@ -74,14 +84,16 @@ class BadNets(Attack):
         else:
             row, col = self.position
         if row < 0 or col < 0 or row + s > h or col + s > w:
-            raise ConfigError("attack.size", f"a {s}x{s} square at {self.position} (margin {m}) "
-                              f"does not fit in a {h}x{w} image")
+            raise ConfigError(
+                "attack.size",
+                f"a {s}x{s} square at {self.position} (margin {m}) does not fit in a {h}x{w} image",
+            )
         return row, col
 
     def apply_trigger(self, x: Tensor) -> Tensor:
         row, col = self.origin or self._origin(x.shape[-2], x.shape[-1])
         out = x.clone()
-        out[..., row:row + self.size, col:col + self.size] = self.value
+        out[..., row : row + self.size, col : col + self.size] = self.value
         return out
 
     def describe(self, n_train: int) -> dict[str, Any]:

@@ -48,11 +48,13 @@ class Attack(ABC):
     controls_training: ClassVar[bool] = False
     modes: ClassVar[tuple[str, ...]] = ("all2one", "all2all")
 
-    def __init__(self, target_class: int = 0, poison_rate: float = 0.1,
-                 mode: Mode = "all2one") -> None:
+    def __init__(
+        self, target_class: int = 0, poison_rate: float = 0.1, mode: Mode = "all2one"
+    ) -> None:
         if isinstance(target_class, bool) or not isinstance(target_class, int) or target_class < 0:
-            raise ConfigError("attack.target_class", f"must be a class index >= 0, got "
-                              f"{target_class!r}")
+            raise ConfigError(
+                "attack.target_class", f"must be a class index >= 0, got {target_class!r}"
+            )
         if not isinstance(poison_rate, int | float) or not 0.0 < poison_rate <= 1.0:
             raise ConfigError("attack.poison_rate", f"must be in (0, 1], got {poison_rate!r}")
         if mode not in self.modes:
@@ -72,13 +74,17 @@ class Attack(ABC):
             n_train: size of the training set the attack will poison.
         """
         if self.target_class >= num_classes:
-            raise ConfigError("attack.target_class", f"= {self.target_class} is not a class of "
-                              f"this dataset (0..{num_classes - 1})")
+            raise ConfigError(
+                "attack.target_class",
+                f"= {self.target_class} is not a class of this dataset (0..{num_classes - 1})",
+            )
         if self.mode == "all2all" and num_classes < 2:
             raise ConfigError("attack.mode", "all2all needs at least two classes")
         if self.num_poison(n_train) < 1:
-            raise ConfigError("attack.poison_rate", f"= {self.poison_rate} poisons no sample of "
-                              f"a training set of {n_train}")
+            raise ConfigError(
+                "attack.poison_rate",
+                f"= {self.poison_rate} poisons no sample of a training set of {n_train}",
+            )
         self.num_classes = num_classes
 
     def num_poison(self, n: int) -> int:
@@ -105,7 +111,7 @@ class Attack(ABC):
         """``apply_trigger`` on uint8 images, quantised back to uint8 (as stored files are)."""
         out = torch.empty_like(x)
         for i in range(0, x.shape[0], _CHUNK):
-            out[i:i + _CHUNK] = to_uint8(self.apply_trigger(to_float(x[i:i + _CHUNK])))
+            out[i : i + _CHUNK] = to_uint8(self.apply_trigger(to_float(x[i : i + _CHUNK])))
         return out
 
     def batch_hook(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -128,8 +134,14 @@ class Attack(ABC):
             y[idx] = self.target_labels(train.y[idx])
         is_poison = torch.zeros(len(train), dtype=torch.bool, device=train.device)
         is_poison[idx] = True
-        return PoisonedSet(x, y, train.classes, is_poison=is_poison, y_orig=train.y.clone(),
-                           src_index=torch.arange(len(train), device=train.device))
+        return PoisonedSet(
+            x,
+            y,
+            train.classes,
+            is_poison=is_poison,
+            y_orig=train.y.clone(),
+            src_index=torch.arange(len(train), device=train.device),
+        )
 
     def backdoor_test_set(self, test: ImageSet) -> PoisonedSet:
         """Triggered test images whose true label is not the target, labelled as the attack
@@ -139,9 +151,14 @@ class Attack(ABC):
         else:
             keep = torch.arange(len(test), device=test.device)
         src = test.subset(keep)
-        return PoisonedSet(self.trigger_uint8(src.x), self.target_labels(src.y), test.classes,
-                           is_poison=torch.ones(len(src), dtype=torch.bool, device=test.device),
-                           y_orig=src.y.clone(), src_index=keep)
+        return PoisonedSet(
+            self.trigger_uint8(src.x),
+            self.target_labels(src.y),
+            test.classes,
+            is_poison=torch.ones(len(src), dtype=torch.bool, device=test.device),
+            y_orig=src.y.clone(),
+            src_index=keep,
+        )
 
     # -- state saved with the cached backdoored model -----------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -153,5 +170,10 @@ class Attack(ABC):
 
     def describe(self, n_train: int) -> dict[str, Any]:
         """Scalars for the results record."""
-        return {"attack_kind": self.kind, "target_class": self.target_class, "mode": self.mode,
-                "poison_rate": self.poison_rate, "n_poison": self.num_poison(n_train)}
+        return {
+            "attack_kind": self.kind,
+            "target_class": self.target_class,
+            "mode": self.mode,
+            "poison_rate": self.poison_rate,
+            "n_poison": self.num_poison(n_train),
+        }

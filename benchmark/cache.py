@@ -45,11 +45,17 @@ def _strip(node: Any) -> Any:
     return node
 
 
-def cache_key(cfg: DictConfig, groups: tuple[str, ...] = ("dataset", "model", "attack", "train",
-                                                          "defense_data", "seed")) -> str:
+def cache_key(
+    cfg: DictConfig,
+    groups: tuple[str, ...] = ("dataset", "model", "attack", "train", "defense_data", "seed"),
+) -> str:
     """A short hash of the resolved settings that determine the backdoored model."""
-    payload = {g: _strip(OmegaConf.to_container(cfg[g], resolve=True))
-               if isinstance(cfg[g], DictConfig) else cfg[g] for g in groups}
+    payload = {
+        g: _strip(OmegaConf.to_container(cfg[g], resolve=True))
+        if isinstance(cfg[g], DictConfig)
+        else cfg[g]
+        for g in groups
+    }
     payload["version"] = CACHE_VERSION
     text = json.dumps(payload, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:20]

@@ -33,8 +33,12 @@ def find_records(paths: Iterable[str | Path]) -> list[Path]:
 
 def record_row(record: dict, source: Path) -> dict:
     """One tidy row: choices, seed, attack scalars, backdoored (``bd_*``) and defended metrics."""
-    row: dict = {"run_dir": str(source.parent), "status": record.get("status"),
-                 "error": record.get("error"), "seed": record.get("seed")}
+    row: dict = {
+        "run_dir": str(source.parent),
+        "status": record.get("status"),
+        "error": record.get("error"),
+        "seed": record.get("seed"),
+    }
     choices = record.get("choices") or {}
     row.update({k: choices.get(k) for k in CHOICES})
     attack = record.get("attack") or {}
@@ -55,8 +59,22 @@ def load_records(paths: Iterable[str | Path]) -> pd.DataFrame:
             rows.append(record_row(json.loads(path.read_text()), path))
         except (OSError, json.JSONDecodeError) as err:
             log.warning("skipping unreadable %s (%s)", path, err)
-    columns = ["run_dir", "status", "error", "seed", *CHOICES, "poison_rate", "target_class",
-               "mode", "n_poison", "bd_clean_acc", "bd_asr", "bd_ra", *METRICS, "total_s"]
+    columns = [
+        "run_dir",
+        "status",
+        "error",
+        "seed",
+        *CHOICES,
+        "poison_rate",
+        "target_class",
+        "mode",
+        "n_poison",
+        "bd_clean_acc",
+        "bd_asr",
+        "bd_ra",
+        *METRICS,
+        "total_s",
+    ]
     return pd.DataFrame(rows, columns=columns)
 
 
@@ -64,8 +82,10 @@ def _cell(group: pd.DataFrame) -> str:
     done = group[group["status"] == "complete"]
     if done.empty:
         return "failed"
-    parts = [f"{100 * done[k].mean():.1f}" if done[k].notna().any() else "-"
-             for k in ("clean_acc", "asr", "det_tpr")]
+    parts = [
+        f"{100 * done[k].mean():.1f}" if done[k].notna().any() else "-"
+        for k in ("clean_acc", "asr", "det_tpr")
+    ]
     text = " / ".join(parts)
     if len(done) > 1:
         text += f" (n={len(done)})"

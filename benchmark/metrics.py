@@ -43,7 +43,9 @@ def ra(pred: Tensor, y_orig: Tensor) -> float | None:
     return accuracy(pred, y_orig)
 
 
-def detection(flags: Tensor, truth: Tensor, scores: Tensor | None = None) -> dict[str, float | None]:
+def detection(
+    flags: Tensor, truth: Tensor, scores: Tensor | None = None
+) -> dict[str, float | None]:
     """Detection metrics of boolean ``flags`` against boolean ``truth`` (True = poisoned).
 
     Returns ``det_tpr`` (recall on the poisoned samples: the detection rate), ``det_fpr`` (share

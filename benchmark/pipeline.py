@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import torch
 from hydra.errors import InstantiationException
 from hydra.utils import instantiate
@@ -32,14 +33,23 @@ from torch import nn
 from attacks.base import Attack
 from benchmark import metrics
 from benchmark.cache import ModelCache, cache_key
-from benchmark.data import stratified_split, to_float
+from benchmark.collect import record_row
+from benchmark.data import stratified_split
 from benchmark.datasets.base import Dataset
 from benchmark.errors import BenchmarkError, ConfigError
-from benchmark.results import (empty_record, format_table, memory_usage, provenance,
-                               result_table, save_trigger_grid, write_record)
+from benchmark.evaluate import detection_metrics, evaluate, trigger_grid
+from benchmark.io import atomic_torch_save
+from benchmark.results import (
+    empty_record,
+    format_table,
+    memory_usage,
+    provenance,
+    result_table,
+    write_record,
+)
 from benchmark.seeding import derive_seed, generator, seed_everything
 from benchmark.tracking import Tracker
-from benchmark.train import Augment, fit, predict, resolve_device
+from benchmark.train import Augment, fit, resolve_device
 from benchmark.types import ImageSet, PoisonedSet
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
 
@@ -91,8 +101,7 @@ def instantiate_entry(node: DictConfig, group: str, **kwargs: Any) -> Any:
         return instantiate(node, **kwargs)
     except MissingMandatoryValue as err:
         key = f"{group}.{err.key}" if err.key else group
-        raise ConfigError(key, f"is required; set it on the command line, e.g. {key}=...") \
-            from None
+        raise ConfigError(key, f"is required; set it on the command line, e.g. {key}=...") from None
     except InstantiationException as err:
         if isinstance(err.__cause__, BenchmarkError):
             raise err.__cause__ from None
@@ -103,8 +112,9 @@ def build(cfg: DictConfig) -> Components:
     """Instantiate and validate dataset, attack and defense; loads no data, trains nothing."""
     device = resolve_device(cfg.device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device", f"= {cfg.device} but CUDA is not available; use device=cpu "
-                          "or device=auto")
+        raise ConfigError(
+            "device", f"= {cfg.device} but CUDA is not available; use device=cpu or device=auto"
+        )
     _validate_recipe(cfg.train)
     if cfg.get("deterministic"):
         # Needed by cuBLAS before CUDA starts; CPU kernels used here are deterministic anyway.
@@ -121,9 +131,12 @@ def build(cfg: DictConfig) -> Components:
         raise ConfigError("defense_data.clean_fraction", f"must be in [0, 1), got {fraction!r}")
     n_reserve = round(fraction * n_full)
     if n_full - n_reserve < dataset.num_classes:
-        raise ConfigError("defense_data.clean_fraction", f"= {fraction} leaves "
-                          f"{n_full - n_reserve} training images for {dataset.num_classes} "
-                          "classes")
+        raise ConfigError(
+            "defense_data.clean_fraction",
+            f"= {fraction} leaves "
+            f"{n_full - n_reserve} training images for {dataset.num_classes} "
+            "classes",
+        )
     n_train = n_full - n_reserve
     attack: Attack = instantiate_entry(cfg.attack, "attack")
     attack.validate(dataset.num_classes, dataset.image_shape, n_train)
@@ -145,8 +158,9 @@ def _validate_recipe(train: DictConfig) -> None:
 def load_data(cfg: DictConfig, comp: Components) -> Data:
     """Load the splits, carve out the clean reserve, poison the rest, build the test sets."""
     full_train, test = comp.dataset.load()
-    reserve_idx, train_idx = stratified_split(full_train, comp.n_reserve,
-                                              generator(cfg.seed, "reserve"))
+    reserve_idx, train_idx = stratified_split(
+        full_train, comp.n_reserve, generator(cfg.seed, "reserve")
+    )
     reserve, benign = full_train.subset(reserve_idx), full_train.subset(train_idx)
     comp.attack.prepare(benign, generator(cfg.seed, "attack", "prepare"))
     poisoned = comp.attack.poison(benign, generator(cfg.seed, "poison"))
@@ -157,16 +171,24 @@ def new_model(cfg: DictConfig, dataset: Dataset, *names: object) -> nn.Module:
     """A freshly initialised model, its weights seeded from ``(cfg.seed, "init", *names)``."""
     seed_everything(cfg.seed, "init", *names)
     c, h, w = dataset.image_shape
-    return instantiate_entry(cfg.model, "model", num_classes=dataset.num_classes, in_chans=c,
-                        image_size=(h, w), mean=list(dataset.mean), std=list(dataset.std))
+    return instantiate_entry(
+        cfg.model,
+        "model",
+        num_classes=dataset.num_classes,
+        in_chans=c,
+        image_size=(h, w),
+        mean=list(dataset.mean),
+        std=list(dataset.std),
+    )
 
 
 def augmentation(dataset: Dataset) -> Augment:
     return Augment(crop_padding=dataset.crop_padding, hflip=dataset.hflip)
 
 
-def backdoored_model(cfg: DictConfig, comp: Components, data: Data, run_dir: Path,
-                     record: dict[str, Any]) -> nn.Module:
+def backdoored_model(
+    cfg: DictConfig, comp: Components, data: Data, run_dir: Path, record: dict[str, Any]
+) -> nn.Module:
     """Train the model on the poisoned set, or load it from the cache."""
     cache = ModelCache(cfg.paths.cache_dir, enabled=cfg.cache.enabled)
     key = cache_key(cfg)
@@ -188,44 +210,59 @@ def backdoored_model(cfg: DictConfig, comp: Components, data: Data, run_dir: Pat
             return model.to(comp.device)
         ckpt_dir = cache.entry_dir(key) if cache.enabled else run_dir
         attack = comp.attack
-        result = fit(model, data.train.clean_view(), cfg.train, device=comp.device,
-                     seed=derive_seed(cfg.seed, "fit", "backdoored"),
-                     augment=augmentation(comp.dataset),
-                     batch_hook=attack.batch_hook if attack.controls_training else None,
-                     checkpoint=ckpt_dir / "train_ckpt.pt", progress=cfg.progress,
-                     desc="backdoored")
+        result = fit(
+            model,
+            data.train.clean_view(),
+            cfg.train,
+            device=comp.device,
+            seed=derive_seed(cfg.seed, "fit", "backdoored"),
+            augment=augmentation(comp.dataset),
+            batch_hook=attack.batch_hook if attack.controls_training else None,
+            checkpoint=ckpt_dir / "train_ckpt.pt",
+            progress=cfg.progress,
+            desc="backdoored",
+        )
         record["train_history"] = result.history
-        cache.save(key, {"model": {k: v.cpu() for k, v in model.state_dict().items()},
-                         "poison_index": poison_index, "reserve_index": data.reserve_index,
-                         "attack_state": attack.state_dict(), "history": result.history},
-                   OmegaConf.to_yaml(cfg, resolve=True))
+        cache.save(
+            key,
+            {
+                "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                "poison_index": poison_index,
+                "reserve_index": data.reserve_index,
+                "attack_state": attack.state_dict(),
+                "history": result.history,
+            },
+            OmegaConf.to_yaml(cfg, resolve=True),
+        )
         (ckpt_dir / "train_ckpt.pt").unlink(missing_ok=True)
     return model
 
 
-def evaluate(model: nn.Module, data: Data, device: torch.device) -> dict[str, Any]:
-    """Clean accuracy on the clean test set; ASR and RA on the backdoor test set."""
-    pred_clean = predict(model, data.test.x, device=device)
-    pred_bd = predict(model, data.backdoor_test.x, device=device)
-    return {"clean_acc": metrics.clean_acc(pred_clean, data.test.y),
-            "asr": metrics.asr(pred_bd, data.backdoor_test.y),
-            "ra": metrics.ra(pred_bd, data.backdoor_test.y_orig)}
-
-
-def defend(cfg: DictConfig, comp: Components, data: Data, model: nn.Module,
-           run_dir: Path) -> DefenseResult:
+def defend(
+    cfg: DictConfig, comp: Components, data: Data, model: nn.Module, run_dir: Path
+) -> DefenseResult:
     """Run the defense with only what its threat model allows."""
     defense = comp.defense
     seed = derive_seed(cfg.seed, "defense")
     ctx = DefenseContext(
-        train_set=data.train.clean_view(), clean_set=data.reserve,
+        train_set=data.train.clean_view(),
+        clean_set=data.reserve,
         model=None if defense.stage == Stage.PRE_TRAINING else model,
         num_classes=comp.dataset.num_classes,
-        fit=functools.partial(fit, recipe=cfg.train, device=comp.device,
-                              seed=derive_seed(seed, "fit"), augment=augmentation(comp.dataset),
-                              progress=cfg.progress),
+        fit=functools.partial(
+            fit,
+            recipe=cfg.train,
+            device=comp.device,
+            seed=derive_seed(seed, "fit"),
+            augment=augmentation(comp.dataset),
+            progress=cfg.progress,
+        ),
         new_model=functools.partial(new_model, cfg, comp.dataset, "defense"),
-        seed=seed, device=comp.device, work_dir=run_dir / "defense", recipe=cfg.train)
+        seed=seed,
+        device=comp.device,
+        work_dir=run_dir / "defense",
+        recipe=cfg.train,
+    )
     result = defense.run(ctx)
     _check_result(result, len(data.train))
     return result
@@ -235,37 +272,22 @@ def _check_result(result: DefenseResult, n_train: int) -> None:
     for name in ("train_flags", "train_scores"):
         t = getattr(result, name)
         if t is not None and t.shape != (n_train,):
-            raise ValueError(f"defense returned {name} of shape {tuple(t.shape)}, expected "
-                             f"({n_train},)")
+            raise ValueError(
+                f"defense returned {name} of shape {tuple(t.shape)}, expected ({n_train},)"
+            )
     if result.train_flags is not None and result.train_flags.dtype != torch.bool:
         raise ValueError("defense returned train_flags that are not bool")
 
 
-def detection_metrics(result: DefenseResult, data: Data,
-                      device: torch.device) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Detection metrics of the defense's training-sample flags, else of its input detector
-    (clean test inputs are negatives, backdoor test inputs positives); plus extras."""
-    extras: dict[str, Any] = {}
-    if result.train_flags is not None:
-        return metrics.detection(result.train_flags, data.train.is_poison,
-                                 result.train_scores), extras
-    det = result.input_detector
-    if det is None:
-        return {}, extras
-    scores, truth = [], []
-    for x, positive in ((data.test.x, False), (data.backdoor_test.x, True)):
-        with torch.no_grad():
-            s = torch.cat([det.score(to_float(x[i:i + 512].to(device))).float().cpu()
-                           for i in range(0, len(x), 512)])
-        scores.append(s)
-        truth.append(torch.full((len(x),), positive))
-    scores_t, truth_t = torch.cat(scores), torch.cat(truth)
-    return metrics.detection(scores_t > det.threshold, truth_t, scores_t), extras
-
-
-def run(cfg: DictConfig, *, run_dir: str | Path, choices: dict[str, Any] | None = None,
-        overrides: list[str] | None = None, tracker: Tracker | None = None,
-        record: dict[str, Any] | None = None) -> dict[str, Any]:
+def run(
+    cfg: DictConfig,
+    *,
+    run_dir: str | Path,
+    choices: dict[str, Any] | None = None,
+    overrides: list[str] | None = None,
+    tracker: Tracker | None = None,
+    record: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run one cell and return its record (also written to ``run_dir/metrics.json``).
 
     ``record`` may be passed in so that a caller sees the partial record if a stage fails.
@@ -280,42 +302,56 @@ def run(cfg: DictConfig, *, run_dir: str | Path, choices: dict[str, Any] | None 
     record["provenance"] = provenance(comp.device, overrides or [])
     with timer("data"):
         data = load_data(cfg, comp)
-    record["data"] = {**comp.dataset.describe(), "n_train": len(data.train),
-                      "n_clean_reserve": len(data.reserve), "n_test": len(data.test),
-                      "n_backdoor_test": len(data.backdoor_test)}
-    record["attack"] = {**comp.attack.describe(len(data.train)),
-                        "n_poison": data.train.num_poison}
+    record["data"] = {
+        **comp.dataset.describe(),
+        "n_train": len(data.train),
+        "n_clean_reserve": len(data.reserve),
+        "n_test": len(data.test),
+        "n_backdoor_test": len(data.backdoor_test),
+    }
+    record["attack"] = {**comp.attack.describe(len(data.train)), "n_poison": data.train.num_poison}
+    # The defender's reserve and the poisoned samples, as indices into the training split.
+    atomic_torch_save(
+        {
+            "reserve_index": data.reserve_index.cpu(),
+            "poison_index": torch.nonzero(data.train.is_poison.cpu()).flatten(),
+        },
+        run_dir / "indices.pt",
+    )
     with timer("train"):
         model = backdoored_model(cfg, comp, data, run_dir, record)
     with timer("eval_backdoored"):
-        record["backdoored"] = evaluate(model, data, comp.device)
+        record["backdoored"] = evaluate(model, data.test, data.backdoor_test, comp.device)
     with timer("defense"):
         result = defend(cfg, comp, data, model, run_dir)
     with timer("eval_defended"):
-        defended = (dict(record["backdoored"]) if result.model is model
-                    else evaluate(result.model, data, comp.device))
-        det, extras = detection_metrics(result, data, comp.device)
-    defended.update({k: det.get(k) for k in ("det_tpr", "det_fpr", "det_precision",
-                                             "det_auroc")})
+        defended = (
+            dict(record["backdoored"])
+            if result.model is model
+            else evaluate(result.model, data.test, data.backdoor_test, comp.device)
+        )
+        det, extras = detection_metrics(
+            result, data.train.is_poison, data.test, data.backdoor_test, comp.device
+        )
+    defended.update({k: det.get(k) for k in ("det_tpr", "det_fpr", "det_precision", "det_auroc")})
     defended["der"] = metrics.der(record["backdoored"], defended)
     record["defended"] = defended
     record["detection"] = {k: v for k, v in det.items() if k.startswith("det_")}
     record["defense_extras"] = {**copy.deepcopy(result.extras), **extras}
-    grid = _trigger_grid(data, run_dir)
+    grid = trigger_grid(data.test, data.backdoor_test, run_dir / "trigger_grid.png")
     record["timing"] = {**timer.seconds, "total_s": round(time.perf_counter() - t_start, 3)}
     record["memory"] = memory_usage(comp.device)
     record["status"], record["error"] = "complete", None
     write_record(run_dir, record)
     log.info("results\n%s", format_table(record))
-    tracker.log_metrics({f"{stage}/{k}": v for stage in ("backdoored", "defended")
-                         for k, v in record[stage].items()})
+    tracker.log_metrics(
+        {
+            f"{stage}/{k}": v
+            for stage in ("backdoored", "defended")
+            for k, v in record[stage].items()
+        }
+    )
     tracker.log_table("results", result_table(record))
+    tracker.log_table("row", pd.DataFrame([record_row(record, run_dir / "metrics.json")]))
     tracker.log_image("trigger_grid", grid, caption="clean (top) vs triggered (bottom)")
     return record
-
-
-def _trigger_grid(data: Data, run_dir: Path, n: int = 8) -> Path:
-    """Clean test images and the same images triggered, side by side."""
-    bd = data.backdoor_test
-    clean = data.test.x[bd.src_index[:n].to(data.test.device)].cpu()
-    return save_trigger_grid(clean, bd.x[:n].cpu(), run_dir / "trigger_grid.png")

@@ -33,18 +33,35 @@ from benchmark.io import atomic_write_json
 
 STAGE_KEYS = ("clean_acc", "asr", "ra")
 DEFENDED_KEYS = (*STAGE_KEYS, "det_tpr", "det_fpr", "det_precision", "det_auroc", "der")
-PACKAGES = ("torch", "torchvision", "timm", "hydra-core", "omegaconf", "numpy", "pandas",
-            "wandb", "backdoor-bench")
+PACKAGES = (
+    "torch",
+    "torchvision",
+    "timm",
+    "hydra-core",
+    "omegaconf",
+    "numpy",
+    "pandas",
+    "wandb",
+    "backdoor-bench",
+)
 
 
 def empty_record(choices: dict[str, Any], seed: int) -> dict[str, Any]:
     """A record with every canonical key, metrics null, status failed until completed."""
     return {
-        "status": "failed", "error": None, "choices": choices, "seed": seed,
+        "status": "failed",
+        "error": None,
+        "choices": choices,
+        "seed": seed,
         "backdoored": dict.fromkeys(STAGE_KEYS),
         "defended": dict.fromkeys(DEFENDED_KEYS),
-        "attack": {}, "data": {}, "defense_extras": {}, "timing": {}, "memory": {},
-        "cache": {}, "provenance": {},
+        "attack": {},
+        "data": {},
+        "defense_extras": {},
+        "timing": {},
+        "memory": {},
+        "cache": {},
+        "provenance": {},
     }
 
 
@@ -57,8 +74,14 @@ def write_record(run_dir: str | Path, record: dict[str, Any]) -> Path:
 
 def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", *args], cwd=Path(__file__).resolve().parent, text=True,
-                             capture_output=True, timeout=10, check=True)
+        out = subprocess.run(
+            ["git", *args],
+            cwd=Path(__file__).resolve().parent,
+            text=True,
+            capture_output=True,
+            timeout=10,
+            check=True,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip()
@@ -80,8 +103,11 @@ def provenance(device: torch.device, overrides: list[str]) -> dict[str, Any]:
         "versions": versions,
         "overrides": list(overrides),
         "device": str(device),
-        "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
-                        else platform.processor() or platform.machine()),
+        "device_name": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine()
+        ),
         "torch_threads": torch.get_num_threads(),
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
@@ -91,9 +117,11 @@ def provenance(device: torch.device, overrides: list[str]) -> dict[str, Any]:
 def memory_usage(device: torch.device) -> dict[str, float | None]:
     """Peak resident memory of this process and peak CUDA memory, in MiB."""
     rss_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    gpu = (torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None)
-    return {"peak_rss_mb": round(rss_kib / 1024, 1),
-            "peak_gpu_mb": round(gpu, 1) if gpu is not None else None}
+    gpu = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return {
+        "peak_rss_mb": round(rss_kib / 1024, 1),
+        "peak_gpu_mb": round(gpu, 1) if gpu is not None else None,
+    }
 
 
 def result_table(record: dict[str, Any]) -> pd.DataFrame:
@@ -105,8 +133,10 @@ def result_table(record: dict[str, Any]) -> pd.DataFrame:
 
 def format_table(record: dict[str, Any]) -> str:
     c = record["choices"]
-    title = (f"attack={c.get('attack')} defense={c.get('defense')} dataset={c.get('dataset')} "
-             f"model={c.get('model')} seed={record['seed']}")
+    title = (
+        f"attack={c.get('attack')} defense={c.get('defense')} dataset={c.get('dataset')} "
+        f"model={c.get('model')} seed={record['seed']}"
+    )
     table = result_table(record).to_string(float_format=lambda v: f"{v:.4f}", na_rep="-")
     return title + "\n" + table
 

@@ -30,20 +30,29 @@ log = logging.getLogger("benchmark")
 GROUPS = ("dataset", "model", "attack", "defense", "train", "logger", "experiment", "debug")
 
 
-def run_task(cfg: DictConfig, run_dir: Path, choices: dict[str, Any],
-             overrides: list[str]) -> dict[str, Any]:
+def run_task(
+    cfg: DictConfig, run_dir: Path, choices: dict[str, Any], overrides: list[str]
+) -> dict[str, Any]:
     """Run one cell; on any failure write ``status: failed`` with the error, always close the
     tracker, and re-raise."""
     record = empty_record(choices, int(cfg.seed))
     tracker: Tracker = instantiate(cfg.logger) if cfg.get("logger") else Tracker()
     failed = True
     try:
-        tracker.start(OmegaConf.to_container(cfg, resolve=True), run_dir,
-                      name="-".join(str(choices.get(g)) for g in ("attack", "defense",
-                                                                   "dataset", "model"))
-                      + f"-s{cfg.seed}")
-        record = pipeline.run(cfg, run_dir=run_dir, choices=choices, overrides=overrides,
-                              tracker=tracker, record=record)
+        tracker.start(
+            OmegaConf.to_container(cfg, resolve=True),
+            run_dir,
+            name="-".join(str(choices.get(g)) for g in ("attack", "defense", "dataset", "model"))
+            + f"-s{cfg.seed}",
+        )
+        record = pipeline.run(
+            cfg,
+            run_dir=run_dir,
+            choices=choices,
+            overrides=overrides,
+            tracker=tracker,
+            record=record,
+        )
         failed = False
         return record
     except BaseException as err:

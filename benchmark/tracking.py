@@ -50,9 +50,15 @@ class WandbTracker(Tracker):
         dir: where the ``wandb/`` folder goes; None = the run directory.
     """
 
-    def __init__(self, project: str = "backdoor-bench", entity: str | None = None,
-                 mode: str = "offline", group: str | None = None, tags: list[str] | None = None,
-                 dir: str | None = None) -> None:
+    def __init__(
+        self,
+        project: str = "backdoor-bench",
+        entity: str | None = None,
+        mode: str = "offline",
+        group: str | None = None,
+        tags: list[str] | None = None,
+        dir: str | None = None,
+    ) -> None:
         self.project, self.entity, self.group = project, entity, group
         self.mode = os.environ.get("WANDB_MODE") or mode
         self.tags = list(tags or [])
@@ -65,10 +71,18 @@ class WandbTracker(Tracker):
         folder = Path(self.dir) if self.dir else run_dir
         folder.mkdir(parents=True, exist_ok=True)
         # silent + console off: the harness logs what matters; Hydra already keeps the job log.
-        self.run = wandb.init(project=self.project, entity=self.entity, mode=self.mode,
-                              group=self.group, tags=self.tags, name=name, config=config,
-                              dir=str(folder), reinit="finish_previous",
-                              settings=wandb.Settings(silent=True, console="off"))
+        self.run = wandb.init(
+            project=self.project,
+            entity=self.entity,
+            mode=self.mode,
+            group=self.group,
+            tags=self.tags,
+            name=name,
+            config=config,
+            dir=str(folder),
+            reinit="finish_previous",
+            settings=wandb.Settings(silent=True, console="off"),
+        )
         log.info("W&B run %s (%s mode)", name, self.mode)
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:

@@ -193,10 +193,16 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        bar = tqdm(range(steps), desc=f"{desc} {epoch + 1}/{epochs}", disable=not progress,
-                   leave=False, mininterval=0.5, dynamic_ncols=True)
+        bar = tqdm(
+            range(steps),
+            desc=f"{desc} {epoch + 1}/{epochs}",
+            disable=not progress,
+            leave=False,
+            mininterval=0.5,
+            dynamic_ncols=True,
+        )
         for step in bar:
-            idx = order[step * batch_size:(step + 1) * batch_size]
+            idx = order[step * batch_size : (step + 1) * batch_size]
             x = to_float(data.x[idx].to(device, non_blocking=True))
             y = data.y[idx].to(device, non_blocking=True)
             if batch_hook is not None:
@@ -217,25 +223,47 @@ def fit(
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.shape[0]
             if progress and (step % 20 == 19 or step == steps - 1):
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}",
-                                acc=f"{correct.item() / seen:.4f}", refresh=False)
+                bar.set_postfix(
+                    loss=f"{loss_sum.item() / seen:.4f}",
+                    acc=f"{correct.item() / seen:.4f}",
+                    refresh=False,
+                )
         bar.close()
-        stats = {"epoch": epoch + 1, "loss": loss_sum.item() / max(seen, 1),
-                 "acc": correct.item() / max(seen, 1), "lr": optimizer.param_groups[0]["lr"]}
+        stats = {
+            "epoch": epoch + 1,
+            "loss": loss_sum.item() / max(seen, 1),
+            "acc": correct.item() / max(seen, 1),
+            "lr": optimizer.param_groups[0]["lr"],
+        }
         if not math.isfinite(stats["loss"]):
-            raise FloatingPointError(f"{desc}: the training loss became {stats['loss']} in epoch "
-                                     f"{epoch + 1}; lower train.lr or check the data")
+            raise FloatingPointError(
+                f"{desc}: the training loss became {stats['loss']} in epoch "
+                f"{epoch + 1}; lower train.lr or check the data"
+            )
         if scheduler is not None:
             scheduler.step()
         result.history.append(stats)
-        log.info("%s epoch %d/%d: loss %.4f acc %.4f", desc, epoch + 1, epochs, stats["loss"],
-                 stats["acc"])
+        log.info(
+            "%s epoch %d/%d: loss %.4f acc %.4f",
+            desc,
+            epoch + 1,
+            epochs,
+            stats["loss"],
+            stats["acc"],
+        )
         stop = bool(on_epoch_end(epoch, stats)) if on_epoch_end else False
         if checkpoint is not None:
-            atomic_torch_save({"epoch": epoch, "model": model.state_dict(),
-                               "optimizer": optimizer.state_dict(),
-                               "scheduler": scheduler.state_dict() if scheduler else None,
-                               "history": result.history, "stopped": stop}, checkpoint)
+            atomic_torch_save(
+                {
+                    "epoch": epoch,
+                    "model": model.state_dict(),
+                    "optimizer": optimizer.state_dict(),
+                    "scheduler": scheduler.state_dict() if scheduler else None,
+                    "history": result.history,
+                    "stopped": stop,
+                },
+                checkpoint,
+            )
         if stop:
             result.stopped_early = True
             break
@@ -245,8 +273,13 @@ def fit(
     return result
 
 
-def _resume(checkpoint: str | Path | None, model: nn.Module, optimizer: torch.optim.Optimizer,
-            scheduler: Any, result: FitResult) -> int:
+def _resume(
+    checkpoint: str | Path | None,
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any,
+    result: FitResult,
+) -> int:
     """Load a per-epoch checkpoint if there is one; return the epoch to start from."""
     if checkpoint is None or not Path(checkpoint).exists():
         return 0
@@ -257,8 +290,9 @@ def _resume(checkpoint: str | Path | None, model: nn.Module, optimizer: torch.op
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
     except Exception as err:  # a damaged checkpoint only costs the epochs it held
-        log.warning("ignoring unreadable checkpoint %s (%s); training from scratch",
-                    checkpoint, err)
+        log.warning(
+            "ignoring unreadable checkpoint %s (%s); training from scratch", checkpoint, err
+        )
         return 0
     result.history = list(state["history"])
     result.start_epoch = int(state["epoch"]) + 1
@@ -270,8 +304,9 @@ def _resume(checkpoint: str | Path | None, model: nn.Module, optimizer: torch.op
 
 
 @torch.no_grad()
-def predict_logits(model: nn.Module, x: Tensor, *, device: str | torch.device = "cpu",
-                   batch_size: int = 512) -> Tensor:
+def predict_logits(
+    model: nn.Module, x: Tensor, *, device: str | torch.device = "cpu", batch_size: int = 512
+) -> Tensor:
     """Logits ``(N, K)`` float32 on the CPU for uint8 or float images ``x`` (eval mode)."""
     device = resolve_device(device)
     was_training = model.training
@@ -281,7 +316,7 @@ def predict_logits(model: nn.Module, x: Tensor, *, device: str | torch.device = 
     out = []
     try:
         for i in range(0, x.shape[0], batch_size):
-            xb = x[i:i + batch_size].to(device, non_blocking=True)
+            xb = x[i : i + batch_size].to(device, non_blocking=True)
             xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
             with autocast(device, amp):
                 out.append(model(xb).float().cpu())
@@ -290,8 +325,9 @@ def predict_logits(model: nn.Module, x: Tensor, *, device: str | torch.device = 
     return torch.cat(out) if out else torch.empty(0, 0)
 
 
-def predict(model: nn.Module, x: Tensor, *, device: str | torch.device = "cpu",
-            batch_size: int = 512) -> Tensor:
+def predict(
+    model: nn.Module, x: Tensor, *, device: str | torch.device = "cpu", batch_size: int = 512
+) -> Tensor:
     """Predicted labels ``(N,)`` int64 on the CPU."""
     return predict_logits(model, x, device=device, batch_size=batch_size).argmax(1)
 

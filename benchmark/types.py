@@ -34,11 +34,14 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         if self.x.dtype != torch.uint8 or self.x.dim() != 4:
-            raise TypeError(f"x must be a (N, C, H, W) uint8 tensor, got {self.x.dtype} "
-                            f"{tuple(self.x.shape)}")
+            raise TypeError(
+                f"x must be a (N, C, H, W) uint8 tensor, got {self.x.dtype} {tuple(self.x.shape)}"
+            )
         if self.y.dtype != torch.int64 or self.y.shape != (self.x.shape[0],):
-            raise TypeError(f"y must be an int64 tensor of shape ({self.x.shape[0]},), "
-                            f"got {self.y.dtype} {tuple(self.y.shape)}")
+            raise TypeError(
+                f"y must be an int64 tensor of shape ({self.x.shape[0]},), "
+                f"got {self.y.dtype} {tuple(self.y.shape)}"
+            )
         object.__setattr__(self, "classes", tuple(self.classes))
 
     def __len__(self) -> int:
@@ -59,13 +62,15 @@ class ImageSet:
         return self.x.device
 
     def subset(self, index: Tensor) -> ImageSet:
-        """The samples at ``index`` (int64 indices or a bool mask), as a new set of the same type."""
+        """The samples at ``index`` (int64 indices or a bool mask), as a set of the same type."""
         index = index.to(self.x.device)
         return dataclasses.replace(self, **{f: getattr(self, f)[index] for f in self.per_sample})
 
     def to(self, device: str | torch.device) -> ImageSet:
         """The same set with every per-sample tensor on ``device``."""
-        return dataclasses.replace(self, **{f: getattr(self, f).to(device) for f in self.per_sample})
+        return dataclasses.replace(
+            self, **{f: getattr(self, f).to(device) for f in self.per_sample}
+        )
 
     def class_counts(self) -> Tensor:
         """``(num_classes,)`` int64 number of samples per class."""
@@ -93,8 +98,11 @@ class PoisonedSet(ImageSet):
     def __post_init__(self) -> None:
         super().__post_init__()
         n = len(self)
-        for name, dtype in (("is_poison", torch.bool), ("y_orig", torch.int64),
-                            ("src_index", torch.int64)):
+        for name, dtype in (
+            ("is_poison", torch.bool),
+            ("y_orig", torch.int64),
+            ("src_index", torch.int64),
+        ):
             t = getattr(self, name)
             if t is None or t.dtype != dtype or t.shape != (n,):
                 raise TypeError(f"{name} must be a {dtype} tensor of shape ({n},)")

@@ -66,10 +66,23 @@ def _optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
     return instantiate(cfg.train.optimizer)([p for p in model.parameters() if p.requires_grad])
 
 
-def bench_fit(make: Callable[[], nn.Module], data: ImageSet, cfg: DictConfig, aug: Augment,
-              device: torch.device, epochs: int) -> float:
-    fit(make(), data.subset(torch.arange(min(len(data), 4 * cfg.train.batch_size))), cfg.train,
-        device=device, augment=aug, epochs=1, progress=False)  # warm-up
+def bench_fit(
+    make: Callable[[], nn.Module],
+    data: ImageSet,
+    cfg: DictConfig,
+    aug: Augment,
+    device: torch.device,
+    epochs: int,
+) -> float:
+    fit(
+        make(),
+        data.subset(torch.arange(min(len(data), 4 * cfg.train.batch_size))),
+        cfg.train,
+        device=device,
+        augment=aug,
+        epochs=1,
+        progress=False,
+    )  # warm-up
     model = make()
     _sync(device)
     t0 = time.perf_counter()
@@ -78,15 +91,27 @@ def bench_fit(make: Callable[[], nn.Module], data: ImageSet, cfg: DictConfig, au
     return epochs * len(data) / (time.perf_counter() - t0)
 
 
-def bench_reference(make: Callable[[], nn.Module], data: ImageSet, cfg: DictConfig,
-                    aug: Augment, device: torch.device, epochs: int, workers: int) -> float:
+def bench_reference(
+    make: Callable[[], nn.Module],
+    data: ImageSet,
+    cfg: DictConfig,
+    aug: Augment,
+    device: torch.device,
+    epochs: int,
+    workers: int,
+) -> float:
     steps = [transforms.RandomCrop(data.x.shape[-1], padding=aug.crop_padding)]
     if aug.hflip:
         steps.append(transforms.RandomHorizontalFlip())
     steps.append(transforms.ToTensor())
-    loader = DataLoader(PILDataset(data, transforms.Compose(steps)),
-                        batch_size=cfg.train.batch_size, shuffle=True, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    loader = DataLoader(
+        PILDataset(data, transforms.Compose(steps)),
+        batch_size=cfg.train.batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
     model = make().to(device)
     opt = _optimizer(model, cfg)
     loss_fn = nn.CrossEntropyLoss()
@@ -111,8 +136,13 @@ def bench_reference(make: Callable[[], nn.Module], data: ImageSet, cfg: DictConf
     return epochs * len(data) / (time.perf_counter() - t0)
 
 
-def bench_bare(make: Callable[[], nn.Module], data: ImageSet, cfg: DictConfig,
-               device: torch.device, epochs: int) -> float:
+def bench_bare(
+    make: Callable[[], nn.Module],
+    data: ImageSet,
+    cfg: DictConfig,
+    device: torch.device,
+    epochs: int,
+) -> float:
     model = make().to(device)
     opt = _optimizer(model, cfg)
     x, y = data.x.to(device).float().div_(255), data.y.to(device)
@@ -124,7 +154,7 @@ def bench_bare(make: Callable[[], nn.Module], data: ImageSet, cfg: DictConfig,
         for k, i in enumerate(range(0, len(x), bs)):
             if limit is not None and k >= limit:
                 break
-            loss = loss_fn(model(x[i:i + bs]), y[i:i + bs])
+            loss = loss_fn(model(x[i : i + bs]), y[i : i + bs])
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -140,8 +170,10 @@ def bench_bare(make: Callable[[], nn.Module], data: ImageSet, cfg: DictConfig,
 
 def compose_cfg(dataset: str, model: str, overrides: list[str]) -> DictConfig:
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose(config_name="config", overrides=[f"dataset={dataset}", f"model={model}",
-                                                       "logger=none", *overrides])
+        cfg = compose(
+            config_name="config",
+            overrides=[f"dataset={dataset}", f"model={model}", "logger=none", *overrides],
+        )
     with open_dict(cfg):
         cfg.paths.output_dir = "."
     from hydra.core.global_hydra import GlobalHydra
@@ -154,13 +186,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--dataset", default="mnist5k")
     parser.add_argument("--models", nargs="+", default=["small_cnn", "preact_resnet18"])
-    parser.add_argument("--images", nargs="+", type=int, default=[4000, 512],
-                        help="training images per model (same order as --models)")
+    parser.add_argument(
+        "--images",
+        nargs="+",
+        type=int,
+        default=[4000, 512],
+        help="training images per model (same order as --models)",
+    )
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
-    parser.add_argument("--epoch-time", action="store_true",
-                        help="also time one full epoch of fit() on the whole training split")
+    parser.add_argument(
+        "--epoch-time",
+        action="store_true",
+        help="also time one full epoch of fit() on the whole training split",
+    )
     parser.add_argument("--out", default=str(ROOT / "results/bench/train_throughput.json"))
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. train.batch_size=256")
     args = parser.parse_args()
@@ -175,24 +215,35 @@ def main() -> None:
 
         def make(cfg: DictConfig = cfg, dataset=dataset, c=c, h=h, w=w) -> nn.Module:
             torch.manual_seed(0)
-            return instantiate(cfg.model, num_classes=dataset.num_classes, in_chans=c,
-                               image_size=(h, w), mean=list(dataset.mean), std=list(dataset.std))
+            return instantiate(
+                cfg.model,
+                num_classes=dataset.num_classes,
+                in_chans=c,
+                image_size=(h, w),
+                mean=list(dataset.mean),
+                std=list(dataset.std),
+            )
 
         aug = Augment(dataset.crop_padding, dataset.hflip)
         fit_ips = bench_fit(make, subset, cfg, aug, device, args.epochs)
-        refs = {wk: bench_reference(make, subset, cfg, aug, device, args.epochs, wk)
-                for wk in args.workers}
+        refs = {
+            wk: bench_reference(make, subset, cfg, aug, device, args.epochs, wk)
+            for wk in args.workers
+        }
         best = max(refs, key=refs.get)
         bare_ips = bench_bare(make, subset, cfg, device, args.epochs)
-        row = {"fit_images_per_s": round(fit_ips, 1),
-               "reference_images_per_s": round(refs[best], 1),
-               "bare_images_per_s": round(bare_ips, 1),
-               "reference_workers": best,
-               "reference_by_workers": {str(k): round(v, 1) for k, v in refs.items()},
-               "fit_vs_reference": round(fit_ips / refs[best], 2),
-               "fit_vs_bare": round(fit_ips / bare_ips, 3),
-               "n_images": len(subset), "batch_size": int(cfg.train.batch_size),
-               "epochs": args.epochs}
+        row = {
+            "fit_images_per_s": round(fit_ips, 1),
+            "reference_images_per_s": round(refs[best], 1),
+            "bare_images_per_s": round(bare_ips, 1),
+            "reference_workers": best,
+            "reference_by_workers": {str(k): round(v, 1) for k, v in refs.items()},
+            "fit_vs_reference": round(fit_ips / refs[best], 2),
+            "fit_vs_bare": round(fit_ips / bare_ips, 3),
+            "n_images": len(subset),
+            "batch_size": int(cfg.train.batch_size),
+            "epochs": args.epochs,
+        }
         if args.epoch_time:
             t0 = time.perf_counter()
             fit(make(), train, cfg.train, device=device, augment=aug, epochs=1, progress=False)
@@ -201,12 +252,18 @@ def main() -> None:
             row["full_epoch_images"] = len(train)
         results[model_name] = row
         print(model_name, json.dumps(row))
-    results["meta"] = {"dataset": args.dataset, "device": str(device),
-                       "device_name": (torch.cuda.get_device_name(device)
-                                       if device.type == "cuda" else platform.processor()
-                                       or platform.machine()),
-                       "torch": torch.__version__, "threads": torch.get_num_threads(),
-                       "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds")}
+    results["meta"] = {
+        "dataset": args.dataset,
+        "device": str(device),
+        "device_name": (
+            torch.cuda.get_device_name(device)
+            if device.type == "cuda"
+            else platform.processor() or platform.machine()
+        ),
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+    }
     atomic_write_json(args.out, results)
     print(f"wrote {args.out}")
 

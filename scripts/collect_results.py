@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     atomic_write_text(out, frame.to_csv(index=False))
     table = pivot(frame)
-    md = ("CA / ASR / DR (%), mean over seeds\n\n" + table.to_markdown() + "\n")
+    md = "CA / ASR / DR (%), mean over seeds\n\n" + table.to_markdown() + "\n"
     atomic_write_text(out.with_suffix(".md"), md)
     print(md)
     print(f"wrote {out} ({len(frame)} runs) and {out.with_suffix('.md')}")

@@ -22,13 +22,19 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """No test writes W&B files, caches or outputs outside a temp dir, or goes online."""
     root = tmp_path_factory.mktemp("env")
     saved = dict(os.environ)
-    os.environ.update({
-        "WANDB_MODE": "offline", "WANDB_SILENT": "true", "WANDB_DIR": str(root / "wandb"),
-        "WANDB_CACHE_DIR": str(root / "wandb-cache"), "WANDB_DATA_DIR": str(root / "wandb-data"),
-        "WANDB_CONFIG_DIR": str(root / "wandb-config"),
-        "BENCH_DATA_DIR": str(root / "data"), "BENCH_CACHE_DIR": str(root / "cache"),
-        "BENCH_OUTPUT_DIR": str(root / "outputs"),
-    })
+    os.environ.update(
+        {
+            "WANDB_MODE": "offline",
+            "WANDB_SILENT": "true",
+            "WANDB_DIR": str(root / "wandb"),
+            "WANDB_CACHE_DIR": str(root / "wandb-cache"),
+            "WANDB_DATA_DIR": str(root / "wandb-data"),
+            "WANDB_CONFIG_DIR": str(root / "wandb-config"),
+            "BENCH_DATA_DIR": str(root / "data"),
+            "BENCH_CACHE_DIR": str(root / "cache"),
+            "BENCH_OUTPUT_DIR": str(root / "outputs"),
+        }
+    )
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
     yield
     os.environ.clear()
@@ -60,8 +66,9 @@ def make_cfg(tmp_path: Path) -> Callable[..., DictConfig]:
     return make
 
 
-def toy_set(n: int = 200, num_classes: int = 4, shape: tuple[int, int, int] = (3, 12, 12),
-            seed: int = 0) -> ImageSet:
+def toy_set(
+    n: int = 200, num_classes: int = 4, shape: tuple[int, int, int] = (3, 12, 12), seed: int = 0
+) -> ImageSet:
     """Random uint8 images with balanced labels."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)

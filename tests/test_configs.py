@@ -26,8 +26,18 @@ def options(group: str) -> list[str]:
 
 
 def test_every_required_group_exists() -> None:
-    for group in ("dataset", "model", "attack", "defense", "train", "logger", "paths", "hydra",
-                  "experiment", "debug"):
+    for group in (
+        "dataset",
+        "model",
+        "attack",
+        "defense",
+        "train",
+        "logger",
+        "paths",
+        "hydra",
+        "experiment",
+        "debug",
+    ):
         assert options(group), f"conf/{group}/ is empty"
 
 
@@ -37,7 +47,7 @@ def test_dataset_options(name: str, tmp_path: Path) -> None:
     assert OmegaConf.select(cfg, "train.epochs") is not None  # each dataset picks a recipe
     assert cfg.dataset._target_.rsplit(".", 1)[0] == f"benchmark.datasets.{name}"
     if name in FOLDER_DATASETS:  # they need an existing root; the error says which
-        with pytest.raises((ConfigError, DatasetUnavailable), match="root|tiny-imagenet"):
+        with pytest.raises((ConfigError, DatasetUnavailable), match=r"root|tiny-imagenet"):
             instantiate_entry(cfg.dataset, "dataset")
         return
     ds = instantiate_entry(cfg.dataset, "dataset")
@@ -49,8 +59,9 @@ def test_dataset_options(name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", options("model"))
 def test_model_options(name: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"model={name}"], tmp_path)
-    model = instantiate(cfg.model, num_classes=10, in_chans=1, image_size=(28, 28),
-                        mean=[0.5], std=[0.5])
+    model = instantiate(
+        cfg.model, num_classes=10, in_chans=1, image_size=(28, 28), mean=[0.5], std=[0.5]
+    )
     assert type(model).__module__ == f"benchmark.models.{name}"
     assert model.last_linear().out_features == 10
 

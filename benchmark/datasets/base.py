@@ -46,9 +46,15 @@ class Dataset(ABC):
     train_size: int
     test_size: int
 
-    def __init__(self, *, max_train: int | None = None, max_test: int | None = None,
-                 seed: int = 0, hflip: bool | None = None,
-                 crop_padding: int | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        max_train: int | None = None,
+        max_test: int | None = None,
+        seed: int = 0,
+        hflip: bool | None = None,
+        crop_padding: int | None = None,
+    ) -> None:
         self.max_train = max_train
         self.max_test = max_test
         self.seed = seed
@@ -68,9 +74,12 @@ class Dataset(ABC):
             if not isinstance(limit, int) or isinstance(limit, bool):
                 raise ConfigError(f"dataset.{key}", f"must be an integer or null, got {limit!r}")
             if limit < self.num_classes:
-                raise ConfigError(f"dataset.{key}", f"= {limit} is smaller than the number of "
-                                  f"classes ({self.num_classes}); a stratified subset needs at "
-                                  "least one image per class")
+                raise ConfigError(
+                    f"dataset.{key}",
+                    f"= {limit} is smaller than the number of "
+                    f"classes ({self.num_classes}); a stratified subset needs at "
+                    "least one image per class",
+                )
 
     @property
     def n_train(self) -> int:
@@ -104,6 +113,10 @@ class Dataset(ABC):
 
     def describe(self) -> dict[str, object]:
         """Metadata for logs and the model constructor."""
-        return {"name": self.name, "num_classes": self.num_classes,
-                "image_shape": list(self.image_shape), "n_train": self.n_train,
-                "n_test": self.n_test}
+        return {
+            "name": self.name,
+            "num_classes": self.num_classes,
+            "image_shape": list(self.image_shape),
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+        }

@@ -20,14 +20,44 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import timm.layers.activations as timm_act
 import torch
 from torch import Tensor, nn
 
-NORM_TYPES: tuple[type[nn.Module], ...] = (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d,
-                                           nn.LayerNorm)
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm2d,
+    nn.GroupNorm,
+    nn.InstanceNorm2d,
+    nn.LayerNorm,
+)
+# Activation sites (where MMAC clips). Sigmoid-type gates (squeeze-excite) are not sites: they
+# scale other activations rather than produce features. timm's own classes count too.
 ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU,
-    nn.Mish, nn.Hardswish, nn.Hardtanh, nn.Softplus, nn.Sigmoid, nn.Tanh)
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.Tanh,
+    nn.Tanhshrink,
+    timm_act.GELU,
+    timm_act.GELUTanh,
+    timm_act.QuickGELU,
+    timm_act.Swish,
+    timm_act.Mish,
+    timm_act.HardSwish,
+    timm_act.HardMish,
+    timm_act.PReLU,
+    timm_act.Tanh,
+)
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,8 +106,14 @@ class ImageClassifier(nn.Module):
     # None means all of them.
     monitored_prefixes: tuple[str, ...] | None = None
 
-    def __init__(self, num_classes: int, in_chans: int, image_size: Sequence[int],
-                 mean: Sequence[float], std: Sequence[float]) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int,
+        image_size: Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+    ) -> None:
         super().__init__()
         if len(mean) != in_chans or len(std) != in_chans:
             raise ValueError(f"mean/std need {in_chans} values, got {len(mean)}/{len(std)}")
@@ -126,7 +162,9 @@ class ImageClassifier(nn.Module):
             calls.append(_Call(names[module], module, tensors, output))
 
         for module in names:
-            if not any(True for _ in module.children()):
+            # Leaves, plus norm layers with children (timm's BatchNormAct2d is a BatchNorm2d
+            # that owns its activation).
+            if isinstance(module, NORM_TYPES) or not any(True for _ in module.children()):
                 handles.append(module.register_forward_hook(hook))
         was_training = self.training
         try:
@@ -147,10 +185,22 @@ class ImageClassifier(nn.Module):
             if not isinstance(call.module, nn.Conv2d) or call.module in seen:
                 continue
             seen.add(call.module)
-            norm = next((c for c in calls[i + 1:] if isinstance(c.module, NORM_TYPES)
-                         and c.inputs and c.inputs[0] is call.output), None)
-            sites.append(ConvSite(call.name, call.module, norm.name if norm else None,
-                                  norm.module if norm else None))
+            norm = next(
+                (
+                    c
+                    for c in calls[i + 1 :]
+                    if isinstance(c.module, NORM_TYPES) and c.inputs and c.inputs[0] is call.output
+                ),
+                None,
+            )
+            sites.append(
+                ConvSite(
+                    call.name,
+                    call.module,
+                    norm.name if norm else None,
+                    norm.module if norm else None,
+                )
+            )
         return sites
 
     def monitored_conv_layers(self) -> list[ConvSite]:

@@ -14,15 +14,23 @@ from benchmark.models.base import ImageClassifier
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout),
-                         nn.ReLU())
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, padding=1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()
+    )
 
 
 class SmallCNN(ImageClassifier):
     """Small CNN with separate activation modules at every site."""
 
-    def __init__(self, num_classes: int, in_chans: int, image_size: Sequence[int],
-                 mean: Sequence[float], std: Sequence[float], width: int = 32) -> None:
+    def __init__(
+        self,
+        num_classes: int,
+        in_chans: int,
+        image_size: Sequence[int],
+        mean: Sequence[float],
+        std: Sequence[float],
+        width: int = 32,
+    ) -> None:
         super().__init__(num_classes, in_chans, image_size, mean, std)
         self.block1 = _block(in_chans, width)
         self.pool1 = nn.MaxPool2d(2)

@@ -19,14 +19,16 @@ def test_default_is_a_white_3x3_square_at_the_bottom_right() -> None:
     assert out.sum() == 2 * 3 * 9
 
 
-@pytest.mark.parametrize(("position", "corner"), [
-    ("top_left", (0, 0)), ("top_right", (0, 6)), ("bottom_left", (6, 0)), ([2, 3], (2, 3))])
+@pytest.mark.parametrize(
+    ("position", "corner"),
+    [("top_left", (0, 0)), ("top_right", (0, 6)), ("bottom_left", (6, 0)), ([2, 3], (2, 3))],
+)
 def test_positions(position: object, corner: tuple[int, int]) -> None:
     attack = BadNets(size=2, position=position, value=0.5)
     attack.validate(10, (1, 8, 8), 100)
     out = attack.apply_trigger(torch.zeros(1, 1, 8, 8))
     r, c = corner
-    assert (out[0, 0, r:r + 2, c:c + 2] == 0.5).all() and out.sum() == 4 * 0.5
+    assert (out[0, 0, r : r + 2, c : c + 2] == 0.5).all() and out.sum() == 4 * 0.5
 
 
 def test_margin_moves_the_corner_square_inwards() -> None:

@@ -14,8 +14,9 @@ from benchmark.cache import ModelCache, cache_key
 
 def test_key_ignores_non_semantic_keys_and_follows_semantic_ones(make_cfg) -> None:
     base = make_cfg()
-    assert cache_key(base) == cache_key(make_cfg("defense=undefended", "logger=wandb",
-                                                 "progress=true", "device=cpu"))
+    assert cache_key(base) == cache_key(
+        make_cfg("defense=undefended", "logger=wandb", "progress=true", "device=cpu")
+    )
     assert cache_key(base) != cache_key(make_cfg("attack.poison_rate=0.2"))
     assert cache_key(base) != cache_key(make_cfg("seed=1"))
     assert cache_key(base) != cache_key(make_cfg("train.lr=0.02"))
@@ -84,5 +85,7 @@ def test_training_checkpoint_location(make_cfg, tmp_path: Path, enabled: bool) -
     record = pipeline.run(cfg, run_dir=tmp_path / "run")
     entry = Path(cfg.paths.cache_dir) / "attacked" / record["cache"]["key"]
     # The per-epoch checkpoint is removed once the model is final.
-    assert not (entry / "train_ckpt.pt").exists() and not (tmp_path / "run" / "train_ckpt.pt").exists()
+    assert (
+        not (entry / "train_ckpt.pt").exists() and not (tmp_path / "run" / "train_ckpt.pt").exists()
+    )
     assert (entry / "entry.pt").exists() == enabled

@@ -9,10 +9,19 @@ from benchmark.collect import load_records, pivot
 from benchmark.results import empty_record
 
 
-def _write(folder: Path, attack: str, defense: str, seed: int, status: str = "complete",
-           asr: float = 0.9) -> None:
-    record = empty_record({"dataset": "mnist5k", "model": "small_cnn", "attack": attack,
-                           "defense": defense, "train": "small"}, seed)
+def _write(
+    folder: Path, attack: str, defense: str, seed: int, status: str = "complete", asr: float = 0.9
+) -> None:
+    record = empty_record(
+        {
+            "dataset": "mnist5k",
+            "model": "small_cnn",
+            "attack": attack,
+            "defense": defense,
+            "train": "small",
+        },
+        seed,
+    )
     record["status"] = status
     if status == "complete":
         record["backdoored"] = {"clean_acc": 0.97, "asr": 0.99, "ra": 0.01}

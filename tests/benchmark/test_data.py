@@ -38,16 +38,24 @@ def test_stratified_split_is_disjoint_and_complete() -> None:
 
 def test_derive_seed_depends_on_every_name() -> None:
     assert derive_seed(0, "a") == derive_seed(0, "a")
-    assert len({derive_seed(0, "a"), derive_seed(1, "a"), derive_seed(0, "b"),
-                derive_seed(0, "a", 1)}) == 4
+    assert (
+        len({derive_seed(0, "a"), derive_seed(1, "a"), derive_seed(0, "b"), derive_seed(0, "a", 1)})
+        == 4
+    )
 
 
 def test_imageset_rejects_wrong_dtypes_and_subsets_every_field() -> None:
     with pytest.raises(TypeError):
         ImageSet(torch.zeros(2, 1, 4, 4), torch.zeros(2, dtype=torch.long), ("a",))
     data = toy_set(10, 2)
-    p = PoisonedSet(data.x, data.y, data.classes, is_poison=torch.arange(10) < 3,
-                    y_orig=data.y.clone(), src_index=torch.arange(10))
+    p = PoisonedSet(
+        data.x,
+        data.y,
+        data.classes,
+        is_poison=torch.arange(10) < 3,
+        y_orig=data.y.clone(),
+        src_index=torch.arange(10),
+    )
     sub = p.subset(torch.tensor([0, 5]))
     assert isinstance(sub, PoisonedSet) and sub.src_index.tolist() == [0, 5]
     assert sub.is_poison.tolist() == [True, False]

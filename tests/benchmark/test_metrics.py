@@ -50,7 +50,8 @@ def test_auroc_hand_computed_with_ties() -> None:
 def test_der_matches_backdoorbench_formula() -> None:
     before = {"clean_acc": 0.90, "asr": 0.95}
     assert metrics.der(before, {"clean_acc": 0.88, "asr": 0.05}) == pytest.approx(
-        (0.90 - 0.02 + 1) / 2)
+        (0.90 - 0.02 + 1) / 2
+    )
     # A defense that raises CA and ASR gets 0.5 (no gain, no loss counted).
     assert metrics.der(before, {"clean_acc": 0.95, "asr": 0.99}) == pytest.approx(0.5)
     assert metrics.der(before, {"clean_acc": None, "asr": 0.1}) is None

@@ -20,7 +20,8 @@ def test_smoke_run_writes_a_complete_record(make_cfg, tmp_path: Path) -> None:
     saved = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert saved["status"] == "complete" and saved["error"] is None
     assert set(STAGE_KEYS) <= set(saved["backdoored"]) and set(DEFENDED_KEYS) <= set(
-        saved["defended"])
+        saved["defended"]
+    )
     for stage in ("backdoored", "defended"):
         for key in STAGE_KEYS:
             assert 0.0 <= saved[stage][key] <= 1.0
@@ -60,19 +61,23 @@ def test_reserve_is_disjoint_from_training_and_stratified(make_cfg) -> None:
     assert torch.equal(data.reserve.x, full.x[data.reserve_index])
 
 
-@pytest.mark.parametrize(("override", "key"), [
-    ("attack.poison_rate=1.5", "attack.poison_rate"),
-    ("attack.poison_rate=0", "attack.poison_rate"),
-    ("attack.target_class=10", "attack.target_class"),
-    ("defense_data.clean_fraction=0.999", "defense_data.clean_fraction"),
-    ("defense_data.clean_fraction=1.0", "defense_data.clean_fraction"),
-    ("dataset.max_train=5", "dataset.max_train"),
-    ("train.epochs=0", "train.epochs"),
-    ("train.lr=-1", "train.lr"),
-    ("attack.size=40", "attack.size"),
-])
-def test_bad_values_fail_before_any_data_is_loaded(make_cfg, monkeypatch, tmp_path: Path,
-                                                   override: str, key: str) -> None:
+@pytest.mark.parametrize(
+    ("override", "key"),
+    [
+        ("attack.poison_rate=1.5", "attack.poison_rate"),
+        ("attack.poison_rate=0", "attack.poison_rate"),
+        ("attack.target_class=10", "attack.target_class"),
+        ("defense_data.clean_fraction=0.999", "defense_data.clean_fraction"),
+        ("defense_data.clean_fraction=1.0", "defense_data.clean_fraction"),
+        ("dataset.max_train=5", "dataset.max_train"),
+        ("train.epochs=0", "train.epochs"),
+        ("train.lr=-1", "train.lr"),
+        ("attack.size=40", "attack.size"),
+    ],
+)
+def test_bad_values_fail_before_any_data_is_loaded(
+    make_cfg, monkeypatch, tmp_path: Path, override: str, key: str
+) -> None:
     def no_loading(self: Dataset) -> None:
         raise AssertionError("data were loaded before validation")
 

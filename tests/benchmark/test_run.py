@@ -18,18 +18,33 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def _env(tmp: Path, cache: str = "cache") -> dict[str, str]:
     env = dict(os.environ)
-    env.update({"BENCH_OUTPUT_DIR": str(tmp / "outputs"), "BENCH_CACHE_DIR": str(tmp / cache),
-                "BENCH_DATA_DIR": str(tmp / "data"), "WANDB_MODE": "offline",
-                "WANDB_DIR": str(tmp / "wandb"), "WANDB_CONFIG_DIR": str(tmp / "wandb-config"),
-                "WANDB_CACHE_DIR": str(tmp / "wandb-cache"),
-                "WANDB_DATA_DIR": str(tmp / "wandb-data"), "PYTHONUNBUFFERED": "1"})
+    env.update(
+        {
+            "BENCH_OUTPUT_DIR": str(tmp / "outputs"),
+            "BENCH_CACHE_DIR": str(tmp / cache),
+            "BENCH_DATA_DIR": str(tmp / "data"),
+            "WANDB_MODE": "offline",
+            "WANDB_DIR": str(tmp / "wandb"),
+            "WANDB_CONFIG_DIR": str(tmp / "wandb-config"),
+            "WANDB_CACHE_DIR": str(tmp / "wandb-cache"),
+            "WANDB_DATA_DIR": str(tmp / "wandb-data"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     return env
 
 
-def cli(args: list[str], tmp: Path, cache: str = "cache",
-        timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "benchmark.run", *args], cwd=ROOT,
-                          env=_env(tmp, cache), capture_output=True, text=True, timeout=timeout)
+def cli(
+    args: list[str], tmp: Path, cache: str = "cache", timeout: float = 300
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "benchmark.run", *args],
+        cwd=ROOT,
+        env=_env(tmp, cache),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def records(tmp: Path) -> list[dict]:
@@ -56,9 +71,19 @@ def test_multirun_sweeps_seeds_and_collects(tmp_path: Path) -> None:
     assert sorted(r["seed"] for r in recs) == [0, 1]
     assert all(r["status"] == "complete" for r in recs)
     out = tmp_path / "tables" / "results.csv"
-    collect = subprocess.run([sys.executable, "scripts/collect_results.py",
-                              str(tmp_path / "outputs"), "--out", str(out)], cwd=ROOT,
-                             capture_output=True, text=True, timeout=120)
+    collect = subprocess.run(
+        [
+            sys.executable,
+            "scripts/collect_results.py",
+            str(tmp_path / "outputs"),
+            "--out",
+            str(out),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert collect.returncode == 0, collect.stderr
     assert len(out.read_text().strip().splitlines()) == 3  # header + two runs
     assert "(n=2)" in out.with_suffix(".md").read_text()
@@ -84,11 +109,18 @@ def test_unknown_name_lists_the_options(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_killed_run_resumes_and_matches_an_uninterrupted_run(tmp_path: Path) -> None:
-    args = ["logger=none", "device=cpu", "progress=false", "dataset.max_train=1500",
-            "dataset.max_test=300", "train.epochs=4"]
+    args = [
+        "logger=none",
+        "device=cpu",
+        "progress=false",
+        "dataset.max_train=1500",
+        "dataset.max_test=300",
+        "train.epochs=4",
+    ]
     cmd = [sys.executable, "-m", "benchmark.run", *args]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=_env(tmp_path), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 240
     ckpts: list[Path] = []
     while time.time() < deadline and not ckpts and proc.poll() is None:

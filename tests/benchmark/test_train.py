@@ -14,13 +14,26 @@ from benchmark.seeding import generator
 from benchmark.train import Augment, fit, predict, random_crop
 from tests.conftest import toy_set
 
-RECIPE = OmegaConf.create({
-    "epochs": 3, "batch_size": 32, "lr": 0.05,
-    "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": "${..lr}",
-                  "momentum": 0.9, "weight_decay": 5e-4},
-    "scheduler": {"_target_": "torch.optim.lr_scheduler.MultiStepLR", "_partial_": True,
-                  "milestones": [2], "gamma": 0.1},
-})
+RECIPE = OmegaConf.create(
+    {
+        "epochs": 3,
+        "batch_size": 32,
+        "lr": 0.05,
+        "optimizer": {
+            "_target_": "torch.optim.SGD",
+            "_partial_": True,
+            "lr": "${..lr}",
+            "momentum": 0.9,
+            "weight_decay": 5e-4,
+        },
+        "scheduler": {
+            "_target_": "torch.optim.lr_scheduler.MultiStepLR",
+            "_partial_": True,
+            "milestones": [2],
+            "gamma": 0.1,
+        },
+    }
+)
 
 
 def _model(seed: int = 0) -> SmallCNN:
@@ -29,8 +42,10 @@ def _model(seed: int = 0) -> SmallCNN:
 
 
 def _same_weights(a: nn.Module, b: nn.Module) -> bool:
-    return all(torch.equal(x, y) for x, y in zip(a.state_dict().values(),
-                                                 b.state_dict().values(), strict=True))
+    return all(
+        torch.equal(x, y)
+        for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True)
+    )
 
 
 def test_random_crop_matches_a_padded_window() -> None:
@@ -38,7 +53,7 @@ def test_random_crop_matches_a_padded_window() -> None:
     out = random_crop(x, 2, generator(0, "crop"))
     padded = nn.functional.pad(x, (2, 2, 2, 2))
     for i in range(2):  # each output is some 5x5 window of its own padded image
-        windows = [padded[i, :, r:r + 5, c:c + 5] for r in range(5) for c in range(5)]
+        windows = [padded[i, :, r : r + 5, c : c + 5] for r in range(5) for c in range(5)]
         assert any(torch.equal(out[i], w) for w in windows)
     assert torch.equal(random_crop(x, 2, generator(0, "crop")), out)
 
@@ -85,12 +100,21 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path) -> None:
 
     part = _model()
     with pytest.raises(Interrupt):
-        fit(part, data, RECIPE, seed=3, augment=Augment(1, True), progress=False,
-            checkpoint=ckpt, on_epoch_end=interrupt)
+        fit(
+            part,
+            data,
+            RECIPE,
+            seed=3,
+            augment=Augment(1, True),
+            progress=False,
+            checkpoint=ckpt,
+            on_epoch_end=interrupt,
+        )
     assert ckpt.exists()
     resumed = _model(seed=123)  # different init: everything must come from the checkpoint
-    result = fit(resumed, data, RECIPE, seed=3, augment=Augment(1, True), progress=False,
-                 checkpoint=ckpt)
+    result = fit(
+        resumed, data, RECIPE, seed=3, augment=Augment(1, True), progress=False, checkpoint=ckpt
+    )
     assert result.start_epoch == 1
     assert _same_weights(full, resumed)
 
@@ -103,16 +127,29 @@ def test_damaged_checkpoint_is_ignored(tmp_path: Path) -> None:
 
 
 def test_early_stop_and_overrides() -> None:
-    result = fit(_model(), toy_set(32, 4), RECIPE, epochs=5, lr=0.01, progress=False,
-                 on_epoch_end=lambda epoch, stats: epoch == 1)
+    result = fit(
+        _model(),
+        toy_set(32, 4),
+        RECIPE,
+        epochs=5,
+        lr=0.01,
+        progress=False,
+        on_epoch_end=lambda epoch, stats: epoch == 1,
+    )
     assert result.stopped_early and len(result.history) == 2
     assert result.history[0]["lr"] == pytest.approx(0.01)
 
 
 def test_non_finite_loss_stops_with_a_clear_error() -> None:
     with pytest.raises(FloatingPointError, match="loss became"):
-        fit(_model(), toy_set(32, 4), RECIPE, epochs=1, progress=False,
-            loss_fn=lambda logits, y: logits.sum() * float("nan"))
+        fit(
+            _model(),
+            toy_set(32, 4),
+            RECIPE,
+            epochs=1,
+            progress=False,
+            loss_fn=lambda logits, y: logits.sum() * float("nan"),
+        )
 
 
 def test_batch_hook_and_custom_loss_are_used() -> None:
@@ -122,6 +159,5 @@ def test_batch_hook_and_custom_loss_are_used() -> None:
         seen.append(float(x.max()))
         return torch.zeros_like(x), y
 
-    fit(_model(), toy_set(32, 4), RECIPE, epochs=1, batch_size=16, progress=False,
-        batch_hook=hook)
+    fit(_model(), toy_set(32, 4), RECIPE, epochs=1, batch_size=16, progress=False, batch_hook=hook)
     assert len(seen) == 2 and max(seen) <= 1.0

@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from benchmark.datasets.base import Dataset
 
-CONF = Path(__file__).resolve().parents[2] / "conf" / "dataset"
+CONF = Path(__file__).resolve().parents[3] / "conf" / "dataset"
 NAMES = sorted(p.stem for p in CONF.glob("*.yaml"))
 SMALL = {"mnist5k", "digits", "mnist", "fashion_mnist"}
 FILE_BACKED = {"mnist", "fashion_mnist", "cifar10", "cifar100", "svhn", "gtsrb"}
