@@ -3,9 +3,11 @@
 Data stay as uint8 tensors on the training device (airbench style); each batch is converted to
 float pixels, passed through an optional ``batch_hook`` (training-controlled attacks), augmented
 on the device (random crop with zero padding, horizontal flip where the dataset allows), and fed
-to the model, which normalises inside ``forward``. On CUDA the loop uses bf16 autocast and
-channels_last. Every random draw comes from generators derived from ``(seed, epoch)``, so a run
-resumed from its per-epoch checkpoint continues exactly as an uninterrupted one would.
+to the model, which normalises inside ``forward``. The loop uses the channels_last memory
+layout (faster on CUDA and on CPU) and bf16 autocast where bf16 is native (CUDA, and CPUs with
+AVX512-BF16/AMX; measured 1.5x for small_cnn on two such EPYC cores, same accuracy). Every
+random draw comes from generators derived from ``(seed, epoch)``, so a run resumed from its
+per-epoch checkpoint continues exactly as an uninterrupted one would.
 """
 
 from __future__ import annotations
@@ -104,13 +106,27 @@ def place(data: ImageSet, device: torch.device, budget_fraction: float = 0.3) ->
     return data.to("cpu")
 
 
-def _use_amp(recipe: Mapping[str, Any], device: torch.device) -> bool:
+def bf16_native(device: torch.device) -> bool:
+    """Whether ``device`` computes in bf16 natively: CUDA GPUs that support it, and CPUs whose
+    oneDNN has bf16 kernels (AVX512-BF16 or AMX). Elsewhere bf16 would be emulated and slow."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def use_amp(recipe: Mapping[str, Any], device: torch.device) -> bool:
+    """The recipe's ``amp``: ``auto`` = bf16 autocast wherever bf16 is native."""
     amp = recipe.get("amp", "auto")
-    return device.type == "cuda" if amp == "auto" else bool(amp)
+    return bf16_native(device) if amp == "auto" else bool(amp)
 
 
 def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast on CUDA (no loss scaling needed), a no-op elsewhere."""
+    """bf16 autocast (no loss scaling needed with bf16), or a no-op."""
     if not enabled:
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16)
@@ -141,8 +157,9 @@ def fit(
         data: uint8 images and labels.
         recipe: ``epochs``, ``batch_size``, ``lr``, ``optimizer`` and ``scheduler`` (Hydra
             ``_partial_`` configs; the scheduler steps once per epoch), optional ``amp``
-            (auto|true|false), ``channels_last`` (auto|true|false), ``grad_clip`` (max norm or
-            null), ``augment`` (bool). ``overrides`` replace recipe keys (e.g. ``epochs=5``).
+            (auto = where bf16 is native|true|false), ``channels_last`` (auto = on CUDA and
+            CPU), ``grad_clip`` (max norm or null), ``augment`` (bool). ``overrides``
+            replace recipe keys (e.g. ``epochs=5``).
         device: training device.
         seed: the seed stream of this training; batch order, augmentation and dropout are
             drawn from ``(seed, epoch)``.
@@ -163,9 +180,13 @@ def fit(
         recipe = OmegaConf.merge(recipe, overrides)
     device = resolve_device(device)
     epochs, batch_size = int(recipe.epochs), int(recipe.batch_size)
-    amp = _use_amp(recipe, device)
+    amp = use_amp(recipe, device)
     channels_last = recipe.get("channels_last", "auto")
-    channels_last = device.type == "cuda" if channels_last == "auto" else bool(channels_last)
+    # NHWC convolutions are faster with cuDNN and with oneDNN on CPUs (measured 1.4-1.7x on
+    # two EPYC cores for small_cnn and PreAct-ResNet18).
+    channels_last = (
+        device.type in ("cuda", "cpu") if channels_last == "auto" else bool(channels_last)
+    )
     grad_clip = recipe.get("grad_clip")
     if not recipe.get("augment", True):
         augment = None

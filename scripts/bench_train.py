@@ -1,12 +1,17 @@
 """Training-throughput benchmark of ``fit()`` against two baselines, per model.
 
 - ``fit``: the harness's loop (uint8 tensors on the device, batched crop/flip on the device).
-- ``reference``: the peers' style: a torchvision ``Dataset`` of PIL images with per-image
-  transforms (RandomCrop with padding, RandomHorizontalFlip where allowed, ToTensor) and a
-  ``DataLoader``; measured with 0 and 2 worker processes, the faster one is reported.
-- ``bare``: forward/backward/step on preloaded float tensors, no augmentation: the ceiling.
+- ``reference``: the peers' style: a torchvision-like ``Dataset`` that makes a PIL image per
+  access and applies per-image transforms (RandomCrop with padding, RandomHorizontalFlip where
+  allowed, ToTensor, Normalize), batched by a ``DataLoader``; measured with 0 and 2 worker
+  processes, the faster one is reported.
+- ``bare``: forward/backward/step on preloaded float tensors with the same memory layout and
+  precision as ``fit`` uses (channels_last, bf16 autocast where native), no augmentation: the
+  ceiling for the loop. The reference runs as the peers do: fp32, NCHW.
 
 All three train the same model on the same images with the same batch size and optimizer.
+Each is measured ``--rounds`` times, interleaved, and the median is reported (these shared
+machines are noisy).
 
     python scripts/bench_train.py                      # mnist5k, small_cnn + preact_resnet18
     python scripts/bench_train.py --dataset cifar10 --device cuda --epoch-time
@@ -20,12 +25,14 @@ import argparse
 import datetime as dt
 import json
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 from PIL import Image
@@ -34,27 +41,49 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from benchmark.io import atomic_write_json
-from benchmark.train import Augment, fit, resolve_device
+from benchmark.train import Augment, autocast, fit, resolve_device, use_amp
 from benchmark.types import ImageSet
 
 ROOT = Path(__file__).resolve().parents[1]
+Make = Callable[[], nn.Module]
 
 
-class PILDataset(torch.utils.data.Dataset):
-    """Images as PIL objects, transformed one at a time (how the peers feed training)."""
+class PeerStyleDataset(torch.utils.data.Dataset):
+    """As torchvision's MNIST/CIFAR10 do: uint8 arrays in memory, a PIL image made per access,
+    then the per-image transforms."""
 
     def __init__(self, data: ImageSet, transform: Callable) -> None:
-        mode = "L" if data.x.shape[1] == 1 else "RGB"
-        arrays = data.x.permute(0, 2, 3, 1).numpy()
-        self.images = [Image.fromarray(a.squeeze(-1) if mode == "L" else a, mode) for a in arrays]
+        self.gray = data.x.shape[1] == 1
+        self.arrays = data.x.permute(0, 2, 3, 1).numpy()
         self.labels = data.y.tolist()
         self.transform = transform
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.labels)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.transform(self.images[i]), self.labels[i]
+        a = self.arrays[i]
+        img = Image.fromarray(a[..., 0], "L") if self.gray else Image.fromarray(a, "RGB")
+        return self.transform(img), self.labels[i]
+
+
+def peer_loader(
+    data: ImageSet, batch_size: int, aug: Augment, device: torch.device, workers: int
+) -> DataLoader:
+    """DataLoader + per-image PIL transforms (crop, flip where allowed, ToTensor, Normalize)."""
+    steps: list = [transforms.RandomCrop(data.x.shape[-1], padding=aug.crop_padding)]
+    if aug.hflip:
+        steps.append(transforms.RandomHorizontalFlip())
+    c = data.x.shape[1]
+    steps += [transforms.ToTensor(), transforms.Normalize([0.5] * c, [0.5] * c)]
+    return DataLoader(
+        PeerStyleDataset(data, transforms.Compose(steps)),
+        batch_size=batch_size,
+        shuffle=True,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
 
 
 def _sync(device: torch.device) -> None:
@@ -62,37 +91,55 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def _optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
-    return instantiate(cfg.train.optimizer)([p for p in model.parameters() if p.requires_grad])
+def _timed(epochs: int, n: int, device: torch.device, run_epoch: Callable[[], None]) -> float:
+    """Images per second of ``epochs`` calls of ``run_epoch``."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(epochs):
+        run_epoch()
+    _sync(device)
+    return epochs * n / (time.perf_counter() - t0)
+
+
+def _train_batches(
+    model: nn.Module, cfg: DictConfig, batches, amp: bool = False
+) -> Callable[[int | None], None]:
+    """An epoch function stepping ``model`` over ``batches()`` with the recipe's optimizer."""
+    opt = instantiate(cfg.train.optimizer)([p for p in model.parameters() if p.requires_grad])
+    loss_fn = nn.CrossEntropyLoss()
+
+    def epoch(limit: int | None = None) -> None:
+        model.train()
+        for k, (x, y) in enumerate(batches()):
+            if limit is not None and k >= limit:
+                break
+            with autocast(x.device, amp):
+                loss = loss_fn(model(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    return epoch
 
 
 def bench_fit(
-    make: Callable[[], nn.Module],
-    data: ImageSet,
-    cfg: DictConfig,
-    aug: Augment,
-    device: torch.device,
-    epochs: int,
+    make: Make, data: ImageSet, cfg: DictConfig, aug: Augment, device: torch.device, epochs: int
 ) -> float:
-    fit(
-        make(),
-        data.subset(torch.arange(min(len(data), 4 * cfg.train.batch_size))),
-        cfg.train,
-        device=device,
-        augment=aug,
-        epochs=1,
-        progress=False,
-    )  # warm-up
+    warm = data.subset(torch.arange(min(len(data), 4 * cfg.train.batch_size)))
+    fit(make(), warm, cfg.train, device=device, augment=aug, epochs=1, progress=False)
     model = make()
-    _sync(device)
-    t0 = time.perf_counter()
-    fit(model, data, cfg.train, device=device, augment=aug, epochs=epochs, progress=False)
-    _sync(device)
-    return epochs * len(data) / (time.perf_counter() - t0)
+    return _timed(
+        1,
+        epochs * len(data),
+        device,
+        lambda: fit(
+            model, data, cfg.train, device=device, augment=aug, epochs=epochs, progress=False
+        ),
+    )
 
 
 def bench_reference(
-    make: Callable[[], nn.Module],
+    make: Make,
     data: ImageSet,
     cfg: DictConfig,
     aug: Augment,
@@ -100,72 +147,46 @@ def bench_reference(
     epochs: int,
     workers: int,
 ) -> float:
-    steps = [transforms.RandomCrop(data.x.shape[-1], padding=aug.crop_padding)]
-    if aug.hflip:
-        steps.append(transforms.RandomHorizontalFlip())
-    steps.append(transforms.ToTensor())
-    loader = DataLoader(
-        PILDataset(data, transforms.Compose(steps)),
-        batch_size=cfg.train.batch_size,
-        shuffle=True,
-        num_workers=workers,
-        pin_memory=device.type == "cuda",
-        persistent_workers=workers > 0,
-    )
+    loader = peer_loader(data, cfg.train.batch_size, aug, device, workers)
     model = make().to(device)
-    opt = _optimizer(model, cfg)
-    loss_fn = nn.CrossEntropyLoss()
 
-    def epoch(limit: int | None = None) -> None:
-        model.train()
-        for i, (x, y) in enumerate(loader):
-            if limit is not None and i >= limit:
-                break
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            loss = loss_fn(model(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+    def batches():
+        for x, y in loader:
+            yield x.to(device, non_blocking=True), y.to(device, non_blocking=True)
 
-    epoch(limit=4)  # warm-up (and worker start-up)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        epoch()
-    _sync(device)
-    return epochs * len(data) / (time.perf_counter() - t0)
+    epoch = _train_batches(model, cfg, batches)
+    epoch(4)  # warm-up (and worker start-up)
+    return _timed(epochs, len(data), device, epoch)
 
 
 def bench_bare(
-    make: Callable[[], nn.Module],
+    make: Make,
     data: ImageSet,
     cfg: DictConfig,
     device: torch.device,
     epochs: int,
+    channels_last: bool,
+    amp: bool,
 ) -> float:
     model = make().to(device)
-    opt = _optimizer(model, cfg)
     x, y = data.x.to(device).float().div_(255), data.y.to(device)
-    loss_fn = nn.CrossEntropyLoss()
+    if channels_last:  # the same layout and precision as fit(), so only the loop differs
+        model = model.to(memory_format=torch.channels_last)
+        x = x.contiguous(memory_format=torch.channels_last)
     bs = cfg.train.batch_size
+    epoch = _train_batches(
+        model, cfg, lambda: ((x[i : i + bs], y[i : i + bs]) for i in range(0, len(x), bs)), amp
+    )
+    epoch(4)
+    return _timed(epochs, len(x), device, epoch)
 
-    def epoch(limit: int | None = None) -> None:
-        model.train()
-        for k, i in enumerate(range(0, len(x), bs)):
-            if limit is not None and k >= limit:
-                break
-            loss = loss_fn(model(x[i : i + bs]), y[i : i + bs])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
 
-    epoch(limit=4)
-    _sync(device)
-    t0 = time.perf_counter()
-    for _ in range(epochs):
-        epoch()
-    _sync(device)
-    return epochs * len(x) / (time.perf_counter() - t0)
+def bench_loader_only(
+    data: ImageSet, cfg: DictConfig, aug: Augment, device: torch.device, epochs: int, workers: int
+) -> float:
+    """The reference's data pipeline alone, without training (its ceiling)."""
+    loader = peer_loader(data, cfg.train.batch_size, aug, device, workers)
+    return _timed(epochs, len(data), device, lambda: [None for _ in loader])
 
 
 def compose_cfg(dataset: str, model: str, overrides: list[str]) -> DictConfig:
@@ -174,12 +195,71 @@ def compose_cfg(dataset: str, model: str, overrides: list[str]) -> DictConfig:
             config_name="config",
             overrides=[f"dataset={dataset}", f"model={model}", "logger=none", *overrides],
         )
+    GlobalHydra.instance().clear()
     with open_dict(cfg):
         cfg.paths.output_dir = "."
-    from hydra.core.global_hydra import GlobalHydra
-
-    GlobalHydra.instance().clear()
     return cfg
+
+
+def bench_model(name: str, n_images: int, args: argparse.Namespace, device: torch.device) -> dict:
+    cfg = compose_cfg(args.dataset, name, args.overrides)
+    dataset = instantiate(cfg.dataset)
+    train, _ = dataset.load()
+    subset = train.subset(torch.arange(min(n_images, len(train))))
+    c, h, w = dataset.image_shape
+
+    def make() -> nn.Module:
+        torch.manual_seed(0)
+        return instantiate(
+            cfg.model,
+            num_classes=dataset.num_classes,
+            in_chans=c,
+            image_size=(h, w),
+            mean=list(dataset.mean),
+            std=list(dataset.std),
+        )
+
+    aug = Augment(dataset.crop_padding, dataset.hflip)
+    cl = cfg.train.channels_last
+    cl = device.type in ("cuda", "cpu") if cl == "auto" else bool(cl)
+    amp = use_amp(cfg.train, device)
+    runs: dict[str, list[float]] = {"fit": [], "bare": [], "loader": []}
+    runs.update({f"ref{w}": [] for w in args.workers})
+    for _ in range(args.rounds):  # interleaved, so a slow spell of the machine hits all loops
+        runs["fit"].append(bench_fit(make, subset, cfg, aug, device, args.epochs))
+        for wk in args.workers:
+            runs[f"ref{wk}"].append(
+                bench_reference(make, subset, cfg, aug, device, args.epochs, wk)
+            )
+        runs["bare"].append(bench_bare(make, subset, cfg, device, args.epochs, cl, amp))
+        runs["loader"].append(
+            bench_loader_only(subset, cfg, aug, device, args.epochs, args.workers[0])
+        )
+    med = {k: statistics.median(v) for k, v in runs.items()}
+    refs = {wk: med[f"ref{wk}"] for wk in args.workers}
+    best = max(refs, key=refs.get)
+    row = {
+        "fit_images_per_s": round(med["fit"], 1),
+        "reference_images_per_s": round(refs[best], 1),
+        "bare_images_per_s": round(med["bare"], 1),
+        "fit_vs_reference": round(med["fit"] / refs[best], 2),
+        "fit_vs_bare": round(med["fit"] / med["bare"], 3),
+        "reference_workers": best,
+        "reference_by_workers": {str(k): round(v, 1) for k, v in refs.items()},
+        "reference_loader_only_images_per_s": round(med["loader"], 1),
+        "fit_channels_last": cl,
+        "fit_bf16_autocast": amp,
+        "reference_setup": "fp32, NCHW, per-image PIL transforms",
+        "n_images": len(subset),
+        "batch_size": int(cfg.train.batch_size),
+        "epochs": args.epochs,
+        "rounds": args.rounds,
+        "all_runs": {k: [round(x, 1) for x in v] for k, v in runs.items()},
+    }
+    if args.epoch_time:
+        row["full_epoch_images"] = len(train)
+        row["full_epoch_s"] = round(len(train) / bench_fit(make, train, cfg, aug, device, 1), 2)
+    return row
 
 
 def main() -> None:
@@ -194,6 +274,7 @@ def main() -> None:
         help="training images per model (same order as --models)",
     )
     parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved repeats; medians")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", nargs="+", type=int, default=[0, 2])
     parser.add_argument(
@@ -206,52 +287,9 @@ def main() -> None:
     args = parser.parse_args()
     device = resolve_device(args.device)
     results: dict = {}
-    for model_name, n_images in zip(args.models, args.images, strict=False):
-        cfg = compose_cfg(args.dataset, model_name, args.overrides)
-        dataset = instantiate(cfg.dataset)
-        train, _ = dataset.load()
-        subset = train.subset(torch.arange(min(n_images, len(train))))
-        c, h, w = dataset.image_shape
-
-        def make(cfg: DictConfig = cfg, dataset=dataset, c=c, h=h, w=w) -> nn.Module:
-            torch.manual_seed(0)
-            return instantiate(
-                cfg.model,
-                num_classes=dataset.num_classes,
-                in_chans=c,
-                image_size=(h, w),
-                mean=list(dataset.mean),
-                std=list(dataset.std),
-            )
-
-        aug = Augment(dataset.crop_padding, dataset.hflip)
-        fit_ips = bench_fit(make, subset, cfg, aug, device, args.epochs)
-        refs = {
-            wk: bench_reference(make, subset, cfg, aug, device, args.epochs, wk)
-            for wk in args.workers
-        }
-        best = max(refs, key=refs.get)
-        bare_ips = bench_bare(make, subset, cfg, device, args.epochs)
-        row = {
-            "fit_images_per_s": round(fit_ips, 1),
-            "reference_images_per_s": round(refs[best], 1),
-            "bare_images_per_s": round(bare_ips, 1),
-            "reference_workers": best,
-            "reference_by_workers": {str(k): round(v, 1) for k, v in refs.items()},
-            "fit_vs_reference": round(fit_ips / refs[best], 2),
-            "fit_vs_bare": round(fit_ips / bare_ips, 3),
-            "n_images": len(subset),
-            "batch_size": int(cfg.train.batch_size),
-            "epochs": args.epochs,
-        }
-        if args.epoch_time:
-            t0 = time.perf_counter()
-            fit(make(), train, cfg.train, device=device, augment=aug, epochs=1, progress=False)
-            _sync(device)
-            row["full_epoch_s"] = round(time.perf_counter() - t0, 2)
-            row["full_epoch_images"] = len(train)
-        results[model_name] = row
-        print(model_name, json.dumps(row))
+    for name, n_images in zip(args.models, args.images, strict=False):
+        results[name] = bench_model(name, n_images, args, device)
+        print(name, json.dumps({k: v for k, v in results[name].items() if k != "all_runs"}))
     results["meta"] = {
         "dataset": args.dataset,
         "device": str(device),
