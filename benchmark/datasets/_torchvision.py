@@ -16,7 +16,7 @@ from abc import abstractmethod
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from filelock import FileLock
 
@@ -90,19 +90,9 @@ class FileDataset(Dataset):
         root: str | Path,
         *,
         download: bool = False,
-        max_train: int | None = None,
-        max_test: int | None = None,
-        seed: int = 0,
-        hflip: bool | None = None,
-        crop_padding: int | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            max_train=max_train,
-            max_test=max_test,
-            seed=seed,
-            hflip=hflip,
-            crop_padding=crop_padding,
-        )
+        super().__init__(**common)  # max_train, max_test, seed, hflip, crop_padding
         self.root = Path(root).expanduser().absolute()
         self.download = bool(download)
 

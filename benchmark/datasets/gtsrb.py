@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
+from typing import Any
 
 import torch
 from torchvision import datasets as tvd
@@ -100,20 +101,12 @@ class GTSRB(FileDataset):
         download: bool = False,
         image_size: int = 32,
         cache_dir: str | Path | None = None,
-        max_train: int | None = None,
-        max_test: int | None = None,
-        seed: int = 0,
-        hflip: bool | None = None,
-        crop_padding: int | None = None,
+        **common: Any,
     ) -> None:
         super().__init__(
             root,
             download=download,
-            max_train=max_train,
-            max_test=max_test,
-            seed=seed,
-            hflip=hflip,
-            crop_padding=crop_padding,
+            **common,  # max_train, max_test, seed, hflip, crop_padding
         )
         if not isinstance(image_size, int) or image_size < 1:
             raise ConfigError(

@@ -11,6 +11,7 @@ import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from PIL import Image
@@ -80,19 +81,9 @@ class ImageFolder(Dataset):
         mean: Sequence[float] | None = None,
         std: Sequence[float] | None = None,
         cache_dir: str | Path | None = None,
-        max_train: int | None = None,
-        max_test: int | None = None,
-        seed: int = 0,
-        hflip: bool | None = None,
-        crop_padding: int | None = None,
+        **common: Any,
     ) -> None:
-        super().__init__(
-            max_train=max_train,
-            max_test=max_test,
-            seed=seed,
-            hflip=hflip,
-            crop_padding=crop_padding,
-        )
+        super().__init__(**common)  # max_train, max_test, seed, hflip, crop_padding
         self.root = Path(root).expanduser().absolute()
         self.cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
         self.size = _size(image_size)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from benchmark.datasets.imagefolder import Files, ImageFolder, class_folders
 from benchmark.errors import ConfigError, DatasetUnavailable
@@ -33,11 +34,7 @@ class TinyImageNet(ImageFolder):
         mean: Sequence[float] | None = (0.4802, 0.4481, 0.3975),
         std: Sequence[float] | None = (0.2302, 0.2265, 0.2262),
         cache_dir: str | Path | None = None,
-        max_train: int | None = None,
-        max_test: int | None = None,
-        seed: int = 0,
-        hflip: bool | None = None,
-        crop_padding: int | None = None,
+        **common: Any,
     ) -> None:
         super().__init__(
             root,
@@ -46,11 +43,7 @@ class TinyImageNet(ImageFolder):
             mean=mean,
             std=std,
             cache_dir=cache_dir,
-            max_train=max_train,
-            max_test=max_test,
-            seed=seed,
-            hflip=hflip,
-            crop_padding=crop_padding,
+            **common,  # max_train, max_test, seed, hflip, crop_padding
         )
 
     def unavailable(self, missing: Sequence[Path]) -> DatasetUnavailable:
