@@ -64,7 +64,7 @@ class Components:
     attack: Attack
     defense: Defense
     device: torch.device
-    n_reserve: int
+    clean_fraction: float
 
 
 @dataclass
@@ -142,7 +142,7 @@ def build(cfg: DictConfig) -> Components:
     attack.validate(dataset.num_classes, dataset.image_shape, n_train)
     defense: Defense = instantiate_entry(cfg.defense, "defense")
     defense.validate(dataset.num_classes, n_train, n_reserve)
-    return Components(dataset, attack, defense, device, n_reserve)
+    return Components(dataset, attack, defense, device, float(fraction))
 
 
 def _validate_recipe(train: DictConfig) -> None:
@@ -159,7 +159,7 @@ def load_data(cfg: DictConfig, comp: Components) -> Data:
     """Load the splits, carve out the clean reserve, poison the rest, build the test sets."""
     full_train, test = comp.dataset.load()
     reserve_idx, train_idx = stratified_split(
-        full_train, comp.n_reserve, generator(cfg.seed, "reserve")
+        full_train, round(comp.clean_fraction * len(full_train)), generator(cfg.seed, "reserve")
     )
     reserve, benign = full_train.subset(reserve_idx), full_train.subset(train_idx)
     comp.attack.prepare(benign, generator(cfg.seed, "attack", "prepare"))

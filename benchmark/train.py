@@ -332,7 +332,9 @@ def predict_logits(
     device = resolve_device(device)
     was_training = model.training
     model.eval()
-    model.to(device)
+    # channels_last as in training (2x faster forward on CPU too); bf16 only on CUDA, so CPU
+    # evaluation stays in fp32.
+    model.to(device, memory_format=torch.channels_last)
     amp = device.type == "cuda"
     out = []
     try:
@@ -340,8 +342,9 @@ def predict_logits(
             xb = x[i : i + batch_size].to(device, non_blocking=True)
             xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
             with autocast(device, amp):
-                out.append(model(xb).float().cpu())
+                out.append(model(xb.contiguous(memory_format=torch.channels_last)).float().cpu())
     finally:
+        model.to(memory_format=torch.contiguous_format)
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, 0)
 
