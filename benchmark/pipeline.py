@@ -49,7 +49,7 @@ from benchmark.results import (
 )
 from benchmark.seeding import derive_seed, generator, seed_everything
 from benchmark.tracking import Tracker
-from benchmark.train import Augment, fit, resolve_device
+from benchmark.train import Augment, fit, place, resolve_device
 from benchmark.types import ImageSet, PoisonedSet
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
 
@@ -72,7 +72,8 @@ class Data:
     """The run's data: the clean reserve, the poisoned training set and the two test sets."""
 
     reserve: ImageSet
-    reserve_index: torch.Tensor
+    reserve_index: torch.Tensor  # into the dataset's training split
+    train_index: torch.Tensor  # into the dataset's training split, in ``train`` order
     train: PoisonedSet
     test: ImageSet
     backdoor_test: PoisonedSet
@@ -156,15 +157,20 @@ def _validate_recipe(train: DictConfig) -> None:
 
 
 def load_data(cfg: DictConfig, comp: Components) -> Data:
-    """Load the splits, carve out the clean reserve, poison the rest, build the test sets."""
+    """Load the splits, carve out the clean reserve, poison the rest, build the test sets.
+
+    The images go to the training device when they fit, so triggers run there too.
+    """
     full_train, test = comp.dataset.load()
+    full_train, test = place(full_train, comp.device), place(test, comp.device)
     reserve_idx, train_idx = stratified_split(
         full_train, round(comp.clean_fraction * len(full_train)), generator(cfg.seed, "reserve")
     )
     reserve, benign = full_train.subset(reserve_idx), full_train.subset(train_idx)
     comp.attack.prepare(benign, generator(cfg.seed, "attack", "prepare"))
     poisoned = comp.attack.poison(benign, generator(cfg.seed, "poison"))
-    return Data(reserve, reserve_idx, poisoned, test, comp.attack.backdoor_test_set(test))
+    backdoor_test = comp.attack.backdoor_test_set(test)
+    return Data(reserve, reserve_idx, train_idx, poisoned, test, backdoor_test)
 
 
 def new_model(cfg: DictConfig, dataset: Dataset, *names: object) -> nn.Module:
@@ -310,10 +316,12 @@ def run(
         "n_backdoor_test": len(data.backdoor_test),
     }
     record["attack"] = {**comp.attack.describe(len(data.train)), "n_poison": data.train.num_poison}
-    # The defender's reserve and the poisoned samples, as indices into the training split.
+    # Where the reserve and the training set come from (indices into the dataset's training
+    # split) and which training samples are poisoned (indices into the training set).
     atomic_torch_save(
         {
             "reserve_index": data.reserve_index.cpu(),
+            "train_index": data.train_index.cpu(),
             "poison_index": torch.nonzero(data.train.is_poison.cpu()).flatten(),
         },
         run_dir / "indices.pt",

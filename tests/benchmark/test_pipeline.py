@@ -38,6 +38,10 @@ def test_smoke_run_writes_a_complete_record(make_cfg, tmp_path: Path) -> None:
     assert torch.__version__.startswith(prov["versions"]["torch"]) and prov["device"] == "cpu"
     assert {"git_commit", "git_dirty", "overrides", "timestamp"} <= set(prov)
     assert (tmp_path / "run" / "trigger_grid.png").exists()
+    idx = torch.load(tmp_path / "run" / "indices.pt", weights_only=True)
+    reserve, train = set(idx["reserve_index"].tolist()), set(idx["train_index"].tolist())
+    assert len(reserve) == 30 and not reserve & train and reserve | train == set(range(600))
+    assert len(idx["poison_index"]) == 57 and int(idx["poison_index"].max()) < 570
     assert record["backdoored"] == saved["backdoored"]
 
 
