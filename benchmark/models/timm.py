@@ -14,20 +14,20 @@ applies ``net.get_classifier()``. Construction checks on a probe batch that this
 (a distilled two-head DeiT/LeViT, a 1x1-conv classifier such as DLA's) fails early with a
 ``TypeError`` instead of giving defenses a wrong split. ``monitored_prefixes`` is None (all convs).
 
-What defenses can see in timm models (timm 1.0.31, 32x32; pinned in tests/models/test_timm.py):
+What defenses can see in timm models (timm 1.0.31, 32x32; pinned in
+tests/benchmark/models/test_timm.py):
 
 - resnet18 (ImageNet stem: 11,181,642 parameters for 10 classes): 17 ``nn.ReLU`` sites (in place),
   each called once; every conv paired with its BN (``downsample.0`` with ``downsample.1``).
-- mobilenetv3_small_050 (19 Hardswish + 14 ReLU sites), efficientnet_b0 (49 SiLU + 16 Sigmoid),
-  regnetx_002 (40 ReLU), densenet121 (121 ReLU): each activation module is called once, but the
-  norms are timm's ``BatchNormAct2d``, a BatchNorm2d with child modules, which the base tracer
-  (it hooks leaf modules only) never sees: ``conv_layers()`` pairs no conv with a norm. The
-  squeeze-excite gates are ``nn.Hardsigmoid`` in mobilenetv3 (not an activation type: invisible)
-  but ``nn.Sigmoid`` in efficientnet (reported as sites, so MMAC would clip the gates too).
+- mobilenetv3_small_050 (19 Hardswish + 14 ReLU sites), efficientnet_b0 (49 SiLU),
+  regnetx_002 (40 ReLU), densenet121 (121 ReLU): each activation module is called once; their
+  norms are timm's ``BatchNormAct2d`` (a BatchNorm2d with child modules), which the base tracer
+  hooks too, so convs are paired with them (34 of 53 in mobilenetv3, 49 of 81 in efficientnet).
+  Squeeze-excite gates (``nn.Sigmoid``, ``nn.Hardsigmoid``) are not activation sites.
 - vit_tiny_patch16_224 (``img_size=32``): 12 ``nn.GELU`` sites, one per MLP; attention softmax is
   functional; the only conv is the patch embedding, with no norm on its output.
-- convnext_atto: no activation site at all, because its GELU is timm's own ``GELU`` class, not
-  ``nn.GELU``; MMAC cannot clip it unless the base's activation types include timm's.
+- convnext_atto: 12 sites of timm's own ``GELU`` class (counted as activations); 13 of 40 convs
+  are followed directly by a norm.
 - vgg11_bn: 128.8M parameters (timm keeps a 4096-wide conv-MLP pre-logits head); slow on CPU.
 """
 
