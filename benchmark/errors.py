@@ -17,7 +17,3 @@ class ConfigError(BenchmarkError, ValueError):
 
 class DatasetUnavailable(BenchmarkError, FileNotFoundError):
     """A dataset is missing on disk and cannot be obtained (e.g. no network)."""
-
-
-class CacheError(BenchmarkError):
-    """A cache entry is damaged or incompatible."""

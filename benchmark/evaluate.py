@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -16,27 +18,35 @@ from benchmark.types import ImageSet, PoisonedSet
 from defenses.base import DefenseResult
 
 
-def evaluate(
+@dataclass(frozen=True)
+class Predictions:
+    """A model's predicted labels on the clean test set and on the backdoor test set."""
+
+    clean: Tensor
+    backdoor: Tensor
+
+
+def predictions(
     model: nn.Module, test: ImageSet, backdoor_test: PoisonedSet, device: torch.device
-) -> dict[str, Any]:
+) -> Predictions:
+    return Predictions(
+        predict(model, test.x, device=device), predict(model, backdoor_test.x, device=device)
+    )
+
+
+def stage_metrics(pred: Predictions, test: ImageSet, backdoor_test: PoisonedSet) -> dict[str, Any]:
     """Clean accuracy on the clean test set; ASR and RA on the backdoor test set."""
-    pred_clean = predict(model, test.x, device=device)
-    pred_bd = predict(model, backdoor_test.x, device=device)
     return {
-        "clean_acc": metrics.clean_acc(pred_clean, test.y),
-        "asr": metrics.asr(pred_bd, backdoor_test.y),
-        "ra": metrics.ra(pred_bd, backdoor_test.y_orig),
+        "clean_acc": metrics.clean_acc(pred.clean, test.y),
+        "asr": metrics.asr(pred.backdoor, backdoor_test.y),
+        "ra": metrics.ra(pred.backdoor, backdoor_test.y_orig),
     }
 
 
 @torch.no_grad()
-def _scores(score_fn: Any, x: Tensor, device: torch.device, batch_size: int = 512) -> Tensor:
-    return torch.cat(
-        [
-            score_fn(to_float(x[i : i + batch_size].to(device))).float().cpu()
-            for i in range(0, len(x), batch_size)
-        ]
-    )
+def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, device: torch.device) -> Tensor:
+    """``fn`` over uint8 images ``x`` in batches of float pixels; results on the CPU."""
+    return torch.cat([fn(to_float(x[i : i + 512].to(device))).cpu() for i in range(0, len(x), 512)])
 
 
 def detection_metrics(
@@ -44,6 +54,7 @@ def detection_metrics(
     is_poison: Tensor,
     test: ImageSet,
     backdoor_test: PoisonedSet,
+    pred: Predictions,
     device: torch.device,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
     """Detection metrics and extras.
@@ -51,30 +62,30 @@ def detection_metrics(
     Training-sample flags are scored against the true poison marks ``is_poison``. Otherwise an
     input detector is scored on the clean test inputs (negatives) and the backdoor test inputs
     (positives); if it corrects flagged inputs, the detect-and-correct system's clean accuracy
-    and ASR go to the extras (``system_clean_acc``, ``system_asr``).
+    and ASR (from the defended model's predictions ``pred``, corrected where flagged) go to the
+    extras (``system_clean_acc``, ``system_asr``).
     """
     if result.train_flags is not None:
         return metrics.detection(result.train_flags, is_poison, result.train_scores), {}
     det = result.input_detector
     if det is None:
         return {}, {}
-    s_clean = _scores(det.score, test.x, device)
-    s_bd = _scores(det.score, backdoor_test.x, device)
+    s_clean = _batched(det.score, test.x, device).float()
+    s_bd = _batched(det.score, backdoor_test.x, device).float()
     scores = torch.cat([s_clean, s_bd])
     truth = torch.cat(
         [torch.zeros(len(s_clean), dtype=torch.bool), torch.ones(len(s_bd), dtype=torch.bool)]
     )
     extras: dict[str, Any] = {}
     if det.correct is not None:
-        for name, data, s, labels in (
-            ("system_clean_acc", test, s_clean, test.y),
-            ("system_asr", backdoor_test, s_bd, backdoor_test.y),
+        for name, data, s, base, labels in (
+            ("system_clean_acc", test, s_clean, pred.clean, test.y),
+            ("system_asr", backdoor_test, s_bd, pred.backdoor, backdoor_test.y),
         ):
-            pred = predict(result.model, data.x, device=device)
-            flagged = s > det.threshold
+            out, flagged = base.clone(), s > det.threshold
             if flagged.any():
-                pred[flagged] = _scores(det.correct, data.x[flagged], device).long()
-            extras[name] = metrics.accuracy(pred, labels)
+                out[flagged] = _batched(det.correct, data.x[flagged.to(data.device)], device).long()
+            extras[name] = metrics.accuracy(out, labels)
     return metrics.detection(scores > det.threshold, truth, scores), extras
 
 

@@ -12,7 +12,6 @@ The dataset's own subsets use ``dataset.seed``, so the data are the same for eve
 from __future__ import annotations
 
 import contextlib
-import copy
 import functools
 import logging
 import os
@@ -37,7 +36,7 @@ from benchmark.collect import record_row
 from benchmark.data import stratified_split
 from benchmark.datasets.base import Dataset
 from benchmark.errors import BenchmarkError, ConfigError
-from benchmark.evaluate import detection_metrics, evaluate, trigger_grid
+from benchmark.evaluate import detection_metrics, predictions, stage_metrics, trigger_grid
 from benchmark.io import atomic_torch_save
 from benchmark.results import (
     empty_record,
@@ -329,23 +328,22 @@ def run(
     with timer("train"):
         model = backdoored_model(cfg, comp, data, run_dir, record)
     with timer("eval_backdoored"):
-        record["backdoored"] = evaluate(model, data.test, data.backdoor_test, comp.device)
+        pred = predictions(model, data.test, data.backdoor_test, comp.device)
+        record["backdoored"] = stage_metrics(pred, data.test, data.backdoor_test)
     with timer("defense"):
         result = defend(cfg, comp, data, model, run_dir)
     with timer("eval_defended"):
-        defended = (
-            dict(record["backdoored"])
-            if result.model is model
-            else evaluate(result.model, data.test, data.backdoor_test, comp.device)
-        )
+        if result.model is not model:  # an unchanged model keeps its predictions
+            pred = predictions(result.model, data.test, data.backdoor_test, comp.device)
+        defended = stage_metrics(pred, data.test, data.backdoor_test)
         det, extras = detection_metrics(
-            result, data.train.is_poison, data.test, data.backdoor_test, comp.device
+            result, data.train.is_poison, data.test, data.backdoor_test, pred, comp.device
         )
     defended.update({k: det.get(k) for k in ("det_tpr", "det_fpr", "det_precision", "det_auroc")})
     defended["der"] = metrics.der(record["backdoored"], defended)
     record["defended"] = defended
     record["detection"] = {k: v for k, v in det.items() if k.startswith("det_")}
-    record["defense_extras"] = {**copy.deepcopy(result.extras), **extras}
+    record["defense_extras"] = {**result.extras, **extras}
     grid = trigger_grid(data.test, data.backdoor_test, run_dir / "trigger_grid.png")
     record["timing"] = {**timer.seconds, "total_s": round(time.perf_counter() - t_start, 3)}
     record["memory"] = memory_usage(comp.device)

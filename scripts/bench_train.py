@@ -41,7 +41,7 @@ from torch.utils.data import DataLoader
 from torchvision import transforms
 
 from benchmark.io import atomic_write_json
-from benchmark.train import Augment, autocast, fit, resolve_device, use_amp
+from benchmark.train import Augment, autocast, fit, resolve_device, use_amp, use_channels_last
 from benchmark.types import ImageSet
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -220,8 +220,7 @@ def bench_model(name: str, n_images: int, args: argparse.Namespace, device: torc
         )
 
     aug = Augment(dataset.crop_padding, dataset.hflip)
-    cl = cfg.train.channels_last
-    cl = device.type in ("cuda", "cpu") if cl == "auto" else bool(cl)
+    cl = use_channels_last(cfg.train, device)
     amp = use_amp(cfg.train, device)
     runs: dict[str, list[float]] = {"fit": [], "bare": [], "loader": []}
     runs.update({f"ref{w}": [] for w in args.workers})

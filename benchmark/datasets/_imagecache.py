@@ -11,7 +11,6 @@ import hashlib
 import logging
 import os
 import pickle
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from PIL import Image
 from torch import Tensor
 
 from benchmark.errors import ConfigError, DatasetUnavailable
+from benchmark.io import atomic_torch_save
 
 log = logging.getLogger(__name__)
 
@@ -71,17 +71,12 @@ def cached(
         except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
             log.warning("ignoring the unreadable cache file %s (%s)", path, err)
     data = build()
-    # A temp file in the same folder + os.replace: readers never see a half-written file, and
-    # concurrent writers of the same key just replace each other's identical result.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}.tmp")
+    # Atomic: readers never see a half-written file, and concurrent writers of the same key
+    # just replace each other's identical result.
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "xb") as f:
-            torch.save(data, f)
-        os.replace(tmp, path)
+        atomic_torch_save(data, path)
     except OSError as err:  # a read-only or full cache disk must not fail the run
         log.warning("could not write the cache file %s (%s)", path, err)
-        tmp.unlink(missing_ok=True)
     return data
 
 
