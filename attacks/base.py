@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from benchmark.data import to_float, to_uint8
 from benchmark.errors import ConfigError
@@ -31,6 +33,27 @@ from benchmark.types import ImageSet, PoisonedSet
 
 Mode = Literal["all2one", "all2all"]
 _CHUNK = 4096  # samples triggered at once, to bound memory on large sets
+
+
+@dataclass(frozen=True, eq=False)
+class AttackContext:
+    """What the runner lends an attack that needs more than the data (``prepare(..., ctx)``).
+
+    Attributes:
+        device: the training device.
+        surrogate: ``(kind, adversarial) -> model``: a model of the run's architecture trained
+            on the benign training set with the run's recipe, ``kind`` ``"clean"`` (normal
+            training) or ``"adversarial"`` (PGD adversarial training with the settings in the
+            ``adversarial`` dict). Trained once and cached like the backdoored model.
+        memo: ``(name, spec, compute) -> tensors``: runs ``compute()`` once per ``(run data,
+            name, spec)`` and caches its dict of tensors (e.g. perturbed images).
+        amp: whether bf16 autocast is used on this device (the run's recipe).
+    """
+
+    device: torch.device
+    surrogate: Callable[[str, dict[str, Any] | None], nn.Module]
+    memo: Callable[[str, dict[str, Any], Callable[[], dict[str, Tensor]]], dict[str, Tensor]]
+    amp: bool = False
 
 
 class Attack(ABC):
@@ -92,8 +115,13 @@ class Attack(ABC):
         return math.floor(self.poison_rate * n + 0.5)
 
     # -- the trigger --------------------------------------------------------------------------
-    def prepare(self, train: ImageSet, gen: torch.Generator) -> None:
-        """Build trigger state that depends on the data (e.g. a key image); default: none."""
+    def prepare(
+        self, train: ImageSet, gen: torch.Generator, ctx: AttackContext | None = None
+    ) -> None:
+        """Build trigger state that depends on the data (e.g. a key image); default: none.
+
+        ``ctx`` lends surrogate models and a cache to attacks that need them (label-consistent).
+        """
 
     @abstractmethod
     def apply_trigger(self, x: Tensor) -> Tensor:
@@ -114,6 +142,11 @@ class Attack(ABC):
             out[i : i + _CHUNK] = to_uint8(self.apply_trigger(to_float(x[i : i + _CHUNK])))
         return out
 
+    def poison_images(self, x: Tensor, index: Tensor) -> Tensor:
+        """The stored poisoned training images (uint8) for the training images ``x`` at
+        ``index``; default: the trigger. Clean-label attacks may perturb them first."""
+        return self.trigger_uint8(x)
+
     def batch_hook(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """Training-controlled attacks (``controls_training = True``) poison each batch here,
         on float pixels before augmentation; data-poisoning attacks do not use it."""
@@ -129,7 +162,7 @@ class Attack(ABC):
         """A poisoned copy of ``train``; ``train`` itself is never modified."""
         idx = self.select(train, gen).to(train.device)
         x, y = train.x.clone(), train.y.clone()
-        x[idx] = self.trigger_uint8(train.x[idx])
+        x[idx] = self.poison_images(train.x[idx], idx)
         if self.kind != "clean_label":
             y[idx] = self.target_labels(train.y[idx])
         is_poison = torch.zeros(len(train), dtype=torch.bool, device=train.device)
@@ -177,3 +210,99 @@ class Attack(ABC):
             "poison_rate": self.poison_rate,
             "n_poison": self.num_poison(n_train),
         }
+
+
+RateOf = Literal["target_class", "train_set"]
+
+
+class CleanLabelAttack(Attack):
+    """Base of the clean-label attacks: only target-class images are poisoned, labels are kept.
+
+    ``poison_rate`` is a fraction of the target class by default (Turner et al., BackdoorBox,
+    ART); ``rate_of: train_set`` reads it as a fraction of the whole training set, as
+    BackdoorBench's ``pratio`` does (0.1 of CIFAR-10 = the whole target class). The record holds
+    both shares (``poison_rate_of_target``, ``poison_rate_of_train``). A share larger than the
+    target class is an error, raised when the data are loaded, before any training.
+
+    Args:
+        target_class: the target label.
+        poison_rate: the poisoned share, of the target class or of the training set.
+        mode: only ``all2one`` (a clean-label poison cannot map every class to another).
+        rate_of: ``target_class`` or ``train_set``: what ``poison_rate`` is a fraction of.
+    """
+
+    kind: ClassVar[str] = "clean_label"
+    modes: ClassVar[tuple[str, ...]] = ("all2one",)
+
+    def __init__(
+        self,
+        target_class: int = 0,
+        poison_rate: float = 0.5,
+        mode: Mode = "all2one",
+        rate_of: RateOf = "target_class",
+    ) -> None:
+        super().__init__(target_class, poison_rate, mode)
+        if rate_of not in ("target_class", "train_set"):
+            raise ConfigError(
+                "attack.rate_of", f"must be 'target_class' or 'train_set', got {rate_of!r}"
+            )
+        self.rate_of = rate_of
+        self.n_target: int | None = None  # target-class samples of the training set
+
+    def validate(self, num_classes: int, image_shape: tuple[int, int, int], n_train: int) -> None:
+        if self.target_class >= num_classes:
+            raise ConfigError(
+                "attack.target_class",
+                f"= {self.target_class} is not a class of this dataset (0..{num_classes - 1})",
+            )
+        if self.rate_of == "train_set" and self.num_poison(n_train) < 1:
+            raise ConfigError(
+                "attack.poison_rate",
+                f"= {self.poison_rate} poisons no sample of a training set of {n_train}",
+            )
+        self.num_classes = num_classes
+
+    def num_poison(self, n: int) -> int:
+        """``round(poison_rate * n)`` for ``rate_of: train_set``, else ``round(poison_rate *
+        n_target)`` (known once ``prepare`` has seen the data)."""
+        if self.rate_of == "train_set":
+            return math.floor(self.poison_rate * n + 0.5)
+        if self.n_target is None:
+            raise RuntimeError("prepare() must see the data before the poison count is known")
+        return math.floor(self.poison_rate * self.n_target + 0.5)
+
+    def prepare(
+        self, train: ImageSet, gen: torch.Generator, ctx: AttackContext | None = None
+    ) -> None:
+        self.n_target = int((train.y == self.target_class).sum())
+        wanted = self.num_poison(len(train))
+        if wanted > self.n_target:
+            raise ConfigError(
+                "attack.poison_rate",
+                f"= {self.poison_rate} of the training set asks for {wanted} poisoned images, "
+                f"but the target class {self.target_class} has only {self.n_target}; a "
+                "clean-label attack can only poison target-class images (lower it, or use "
+                "rate_of=target_class)",
+            )
+        if wanted < 1:
+            raise ConfigError(
+                "attack.poison_rate",
+                f"= {self.poison_rate} poisons none of the {self.n_target} target-class images",
+            )
+
+    def select(self, train: ImageSet, gen: torch.Generator) -> Tensor:
+        """Sorted indices of ``num_poison`` target-class samples, drawn at random."""
+        members = torch.nonzero(train.y.cpu() == self.target_class).flatten()
+        n = self.num_poison(len(train))
+        return torch.sort(members[torch.randperm(members.numel(), generator=gen)[:n]]).values
+
+    def describe(self, n_train: int) -> dict[str, Any]:
+        out = super().describe(n_train)
+        n_poison = out["n_poison"]
+        out.update(
+            rate_of=self.rate_of,
+            n_target_class=self.n_target,
+            poison_rate_of_target=n_poison / self.n_target if self.n_target else None,
+            poison_rate_of_train=n_poison / n_train if n_train else None,
+        )
+        return out

@@ -93,3 +93,11 @@ def trigger_grid(test: ImageSet, backdoor_test: PoisonedSet, path: Path, n: int 
     """Clean test images above the same images triggered."""
     clean = test.x[backdoor_test.src_index[:n].to(test.device)].cpu()
     return save_trigger_grid(clean, backdoor_test.x[:n].cpu(), path)
+
+
+def poison_grid(benign: ImageSet, train: PoisonedSet, path: Path, n: int = 8) -> Path | None:
+    """Training images above the same images as poisoned; None when nothing is poisoned."""
+    idx = torch.nonzero(train.is_poison).flatten()[:n]
+    if idx.numel() == 0:
+        return None
+    return save_trigger_grid(benign.x[idx].cpu(), train.x[idx].cpu(), path)

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,14 +31,21 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from torch import nn
 
-from attacks.base import Attack
+from attacks.base import Attack, AttackContext
+from attacks.pgd import adversarial_training_hook
 from benchmark import metrics
 from benchmark.cache import ModelCache, cache_key
 from benchmark.collect import record_row
 from benchmark.data import stratified_split
 from benchmark.datasets.base import Dataset
 from benchmark.errors import BenchmarkError, ConfigError
-from benchmark.evaluate import detection_metrics, predictions, stage_metrics, trigger_grid
+from benchmark.evaluate import (
+    detection_metrics,
+    poison_grid,
+    predictions,
+    stage_metrics,
+    trigger_grid,
+)
 from benchmark.io import atomic_torch_save
 from benchmark.results import (
     empty_record,
@@ -44,11 +53,12 @@ from benchmark.results import (
     memory_usage,
     provenance,
     result_table,
+    save_inverted_triggers,
     write_record,
 )
 from benchmark.seeding import derive_seed, generator, seed_everything
 from benchmark.tracking import Tracker
-from benchmark.train import Augment, fit, place, resolve_device
+from benchmark.train import Augment, fit, place, resolve_device, use_amp
 from benchmark.types import ImageSet, PoisonedSet
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
 
@@ -68,14 +78,23 @@ class Components:
 
 @dataclass
 class Data:
-    """The run's data: the clean reserve, the poisoned training set and the two test sets."""
+    """The run's data: the clean reserve, the poisoned training set and the two test sets.
+
+    ``benign`` is the training set before poisoning (training-controlled attacks train on it
+    through their batch hook). For an attack that inverts its trigger from each model
+    (``natural``), the test set is split into ``inversion`` and ``evaluation`` halves and
+    ``backdoor_test`` is built per stage; until then it is empty.
+    """
 
     reserve: ImageSet
     reserve_index: torch.Tensor  # into the dataset's training split
     train_index: torch.Tensor  # into the dataset's training split, in ``train`` order
+    benign: ImageSet
     train: PoisonedSet
     test: ImageSet
     backdoor_test: PoisonedSet
+    inversion: ImageSet | None = None
+    evaluation: ImageSet | None = None
 
 
 class Timer:
@@ -155,7 +174,7 @@ def _validate_recipe(train: DictConfig) -> None:
         raise ConfigError("train.lr", f"must be a number > 0, got {lr!r}")
 
 
-def load_data(cfg: DictConfig, comp: Components) -> Data:
+def load_data(cfg: DictConfig, comp: Components, record: dict[str, Any] | None = None) -> Data:
     """Load the splits, carve out the clean reserve, poison the rest, build the test sets.
 
     The images go to the training device when they fit, so triggers run there too.
@@ -166,10 +185,117 @@ def load_data(cfg: DictConfig, comp: Components) -> Data:
         full_train, round(comp.clean_fraction * len(full_train)), generator(cfg.seed, "reserve")
     )
     reserve, benign = full_train.subset(reserve_idx), full_train.subset(train_idx)
-    comp.attack.prepare(benign, generator(cfg.seed, "attack", "prepare"))
+    ctx = attack_context(cfg, comp, benign, record if record is not None else {})
+    comp.attack.prepare(benign, generator(cfg.seed, "attack", "prepare"), ctx)
     poisoned = comp.attack.poison(benign, generator(cfg.seed, "poison"))
+    if getattr(comp.attack, "inverts_trigger", False):
+        n_inv = round(comp.attack.inversion_fraction * len(test))
+        inv_idx, eval_idx = stratified_split(test, n_inv, generator(cfg.seed, "natural", "split"))
+        inversion, evaluation = test.subset(inv_idx), test.subset(eval_idx)
+        return Data(
+            reserve,
+            reserve_idx,
+            train_idx,
+            benign,
+            poisoned,
+            test,
+            _empty_backdoor(test),
+            inversion,
+            evaluation,
+        )
     backdoor_test = comp.attack.backdoor_test_set(test)
-    return Data(reserve, reserve_idx, train_idx, poisoned, test, backdoor_test)
+    return Data(reserve, reserve_idx, train_idx, benign, poisoned, test, backdoor_test)
+
+
+def _empty_backdoor(test: ImageSet) -> PoisonedSet:
+    none = torch.zeros(0, dtype=torch.long, device=test.device)
+    return PoisonedSet(
+        test.x[:0], none, test.classes, is_poison=none.bool(), y_orig=none, src_index=none
+    )
+
+
+def _derived_key(cfg: DictConfig, name: str, spec: dict[str, Any]) -> str:
+    """A cache key for an attack artefact: the run's data, model and recipe plus ``spec``."""
+    base = cache_key(cfg, groups=("dataset", "model", "train", "defense_data", "seed"))
+    text = json.dumps({"base": base, "name": name, "spec": spec}, sort_keys=True, default=str)
+    return f"{name}-" + hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
+def attack_context(
+    cfg: DictConfig, comp: Components, benign: ImageSet, record: dict[str, Any]
+) -> AttackContext:
+    """The runner's services for attacks: cached surrogate models and cached artefacts."""
+    cache = ModelCache(cfg.paths.cache_dir, enabled=cfg.cache.enabled)
+    log_entries = record.setdefault("attack_artifacts", [])
+
+    def surrogate(kind: str, adversarial: dict[str, Any] | None) -> nn.Module:
+        if kind not in ("clean", "adversarial"):
+            raise ValueError(f"unknown surrogate kind {kind!r}")
+        spec = {"kind": kind, "adversarial": adversarial if kind == "adversarial" else None}
+        key = _derived_key(cfg, "surrogate", spec)
+        model = new_model(cfg, comp.dataset, "surrogate", kind)
+        entry = {"name": f"surrogate_{kind}", "key": key, "hit": False}
+        log_entries.append(entry)
+        with cache.lock(key) if cache.enabled else contextlib.nullcontext():
+            payload = cache.load(key)
+            if payload is not None:
+                model.load_state_dict(payload["model"])
+                entry["hit"] = True
+                return model.to(comp.device).eval()
+            aug = augmentation(comp.dataset) if cfg.train.get("augment", True) else None
+            hook = None
+            if kind == "adversarial":
+                hook = adversarial_training_hook(
+                    model, **spec["adversarial"], augment=aug, amp=use_amp(cfg.train, comp.device)
+                )
+                aug = None  # the hook augments before the PGD step
+            ckpt_dir = cache.entry_dir(key) if cache.enabled else Path(cfg.paths.output_dir)
+            t0 = time.perf_counter()
+            result = fit(
+                model,
+                benign,
+                cfg.train,
+                device=comp.device,
+                seed=derive_seed(cfg.seed, "fit", "surrogate", kind),
+                augment=aug,
+                batch_hook=hook,
+                checkpoint=ckpt_dir / f"{key}_ckpt.pt",
+                progress=cfg.progress,
+                desc=f"surrogate ({kind})",
+            )
+            entry["train_s"] = round(time.perf_counter() - t0, 3)
+            entry["final_train_acc"] = result.history[-1]["acc"] if result.history else None
+            cache.save(
+                key,
+                {
+                    "model": {k: v.cpu() for k, v in model.state_dict().items()},
+                    "history": result.history,
+                },
+                OmegaConf.to_yaml({"surrogate": spec}),
+            )
+            (ckpt_dir / f"{key}_ckpt.pt").unlink(missing_ok=True)
+        return model.eval()
+
+    def memo(
+        name: str, spec: dict[str, Any], compute: Callable[[], dict[str, torch.Tensor]]
+    ) -> dict[str, torch.Tensor]:
+        key = _derived_key(cfg, name, spec)
+        entry = {"name": name, "key": key, "hit": False}
+        log_entries.append(entry)
+        with cache.lock(key) if cache.enabled else contextlib.nullcontext():
+            payload = cache.load(key)
+            if payload is not None:
+                entry["hit"] = True
+                return payload["tensors"]
+            t0 = time.perf_counter()
+            tensors = compute()
+            entry["compute_s"] = round(time.perf_counter() - t0, 3)
+            cache.save(key, {"tensors": tensors}, OmegaConf.to_yaml({name: spec}))
+        return tensors
+
+    return AttackContext(
+        device=comp.device, surrogate=surrogate, memo=memo, amp=use_amp(cfg.train, comp.device)
+    )
 
 
 def new_model(cfg: DictConfig, dataset: Dataset, *names: object) -> nn.Module:
@@ -215,9 +341,10 @@ def backdoored_model(
             return model.to(comp.device)
         ckpt_dir = cache.entry_dir(key) if cache.enabled else run_dir
         attack = comp.attack
+        # A training-controlled attack (WaNet) poisons each batch of the benign set itself.
         result = fit(
             model,
-            data.train.clean_view(),
+            data.benign if attack.controls_training else data.train.clean_view(),
             cfg.train,
             device=comp.device,
             seed=derive_seed(cfg.seed, "fit", "backdoored"),
@@ -306,7 +433,7 @@ def run(
         comp = build(cfg)
     record["provenance"] = provenance(comp.device, overrides or [])
     with timer("data"):
-        data = load_data(cfg, comp)
+        data = load_data(cfg, comp, record)
     record["data"] = {
         **comp.dataset.describe(),
         "n_train": len(data.train),
@@ -328,23 +455,31 @@ def run(
     with timer("train"):
         model = backdoored_model(cfg, comp, data, run_dir, record)
     with timer("eval_backdoored"):
-        pred = predictions(model, data.test, data.backdoor_test, comp.device)
-        record["backdoored"] = stage_metrics(pred, data.test, data.backdoor_test)
+        backdoor_test = stage_backdoor_test(cfg, comp, data, model, "backdoored", run_dir, record)
+        pred = predictions(model, data.test, backdoor_test, comp.device)
+        record["backdoored"] = stage_metrics(pred, data.test, backdoor_test)
+    grid = trigger_grid(data.test, backdoor_test, run_dir / "trigger_grid.png")
     with timer("defense"):
         result = defend(cfg, comp, data, model, run_dir)
     with timer("eval_defended"):
         if result.model is not model:  # an unchanged model keeps its predictions
-            pred = predictions(result.model, data.test, data.backdoor_test, comp.device)
-        defended = stage_metrics(pred, data.test, data.backdoor_test)
+            if data.inversion is not None:  # a changed model has its own natural trigger
+                backdoor_test = stage_backdoor_test(
+                    cfg, comp, data, result.model, "defended", run_dir, record
+                )
+            pred = predictions(result.model, data.test, backdoor_test, comp.device)
+        elif data.inversion is not None:
+            record.setdefault("natural", {})["defended"] = record["natural"]["backdoored"]
+        defended = stage_metrics(pred, data.test, backdoor_test)
         det, extras = detection_metrics(
-            result, data.train.is_poison, data.test, data.backdoor_test, pred, comp.device
+            result, data.train.is_poison, data.test, backdoor_test, pred, comp.device
         )
     defended.update({k: det.get(k) for k in ("det_tpr", "det_fpr", "det_precision", "det_auroc")})
     defended["der"] = metrics.der(record["backdoored"], defended)
     record["defended"] = defended
     record["detection"] = {k: v for k, v in det.items() if k.startswith("det_")}
     record["defense_extras"] = {**result.extras, **extras}
-    grid = trigger_grid(data.test, data.backdoor_test, run_dir / "trigger_grid.png")
+    poisons = poison_grid(data.benign, data.train, run_dir / "poison_grid.png")
     record["timing"] = {**timer.seconds, "total_s": round(time.perf_counter() - t_start, 3)}
     record["memory"] = memory_usage(comp.device)
     record["status"], record["error"] = "complete", None
@@ -359,5 +494,65 @@ def run(
     )
     tracker.log_table("results", result_table(record))
     tracker.log_table("row", pd.DataFrame([record_row(record, run_dir / "metrics.json")]))
-    tracker.log_image("trigger_grid", grid, caption="clean (top) vs triggered (bottom)")
+    tracker.log_image("trigger_grid", grid, caption="clean test images (top) vs triggered (bottom)")
+    if poisons is not None:
+        tracker.log_image(
+            "poison_grid", poisons, caption="training images (top) vs as poisoned (bottom)"
+        )
+    for stage, report in (record.get("natural") or {}).items():
+        tracker.log_metrics(
+            {f"{stage}/natural_asr@{b}": r["asr"] for b, r in report["budgets"].items()}
+        )
     return record
+
+
+def stage_backdoor_test(
+    cfg: DictConfig,
+    comp: Components,
+    data: Data,
+    model: nn.Module,
+    stage: str,
+    run_dir: Path,
+    record: dict[str, Any],
+) -> PoisonedSet:
+    """The backdoor test set of one stage: the attack's fixed one, or, for an attack that
+    inverts its trigger from the model (``natural``), one built from this model's trigger on
+    the evaluation half of the test set (the inversion half never scores)."""
+    attack = comp.attack
+    if data.inversion is None or data.evaluation is None:
+        return data.backdoor_test
+    report, inverted = attack.invert(
+        model,
+        data.inversion,
+        data.evaluation,
+        device=comp.device,
+        seed=derive_seed(cfg.seed, "natural", stage),
+        amp=False,
+    )
+    path = run_dir / f"natural_triggers_{stage}.pt"
+    atomic_torch_save(
+        {
+            "targets": inverted.targets,
+            "budgets": list(inverted.budgets),
+            "mask": inverted.mask,
+            "pattern": inverted.pattern,
+            "fit_asr": inverted.fit_asr,
+        },
+        path,
+    )
+    save_inverted_triggers(inverted, report, run_dir / f"natural_triggers_{stage}.png")
+    record.setdefault("natural", {})[stage] = {
+        "budget": attack.budget,
+        "target": attack.target_class,
+        "budgets": report,
+        "n_inversion": len(data.inversion),
+        "n_evaluation": len(data.evaluation),
+    }
+    log.info(
+        "natural backdoor (%s): %s",
+        stage,
+        ", ".join(f"{b}: {r['asr']:.3f} (target {r['target']})" for b, r in report.items()),
+    )
+    bd = attack.backdoor_test_set(data.evaluation)
+    record["data"]["n_backdoor_test"] = len(bd)
+    return bd

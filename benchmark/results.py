@@ -152,3 +152,17 @@ def save_trigger_grid(clean: Tensor, triggered: Tensor, path: str | Path) -> Pat
     save_image(grid, tmp, nrow=clean.shape[0], padding=1, pad_value=0.5)
     tmp.replace(path)
     return path
+
+
+def save_inverted_triggers(inverted: Any, report: dict[str, Any], path: str | Path) -> Path:
+    """Save the chosen inverted trigger of each budget: mask x pattern on top, the mask below
+    (one column per budget, smallest first). ``inverted`` is an ``InvertedTriggers``."""
+    targets = [int(t) for t in inverted.targets]
+    tops, bottoms = [], []
+    for b_i, budget in enumerate(inverted.budgets):
+        t_i = targets.index(int(report[f"{budget:g}"]["target"]))
+        mask, pattern = inverted.mask[t_i, b_i].float(), inverted.pattern[t_i, b_i].float()
+        tops.append(mask * pattern)
+        bottoms.append(mask.expand_as(pattern))
+    as_uint8 = lambda ts: (torch.stack(ts).clamp(0, 1) * 255).round().to(torch.uint8)  # noqa: E731
+    return save_trigger_grid(as_uint8(tops), as_uint8(bottoms), path)

@@ -124,3 +124,21 @@ def test_struct_mode_rejects_unknown_keys(tmp_path: Path) -> None:
     cfg = compose_cfg([], tmp_path)
     with open_dict(cfg):
         cfg.extra = 1  # open_dict is the explicit escape hatch
+
+
+@pytest.mark.parametrize("path", sorted((CONF / "attack_tuning").glob("*.yaml")), ids=str)
+def test_attack_tuning_files_are_deltas_of_an_existing_attack_and_dataset(
+    path: Path, tmp_path: Path
+) -> None:
+    attack, dataset = path.stem.split("_mnist5k")[0], "mnist5k"
+    assert path.stem == f"{attack}_{dataset}" and attack in options("attack")
+    delta = OmegaConf.load(path)
+    tuned = compose_cfg([f"attack={attack}", f"dataset={dataset}"], tmp_path)
+    plain = compose_cfg([f"attack={attack}", "dataset=digits"], tmp_path)
+    for key, value in delta.attack.items():
+        assert tuned.attack[key] == value  # applied on its dataset
+        assert plain.attack[key] != value  # and only there
+    # command-line overrides still win over the delta
+    key = next(iter(delta.attack))
+    over = compose_cfg([f"attack={attack}", f"attack.{key}=7"], tmp_path)
+    assert over.attack[key] == 7

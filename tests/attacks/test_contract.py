@@ -8,27 +8,53 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from attacks.base import Attack
+from attacks.base import Attack, AttackContext
+from benchmark.models.small_cnn import SmallCNN
 from benchmark.pipeline import instantiate_entry
 from benchmark.seeding import generator
 from tests.conftest import toy_set
 
 ATTACK_DIR = Path(__file__).resolve().parents[2] / "conf" / "attack"
 NAMES = sorted(p.stem for p in ATTACK_DIR.glob("*.yaml"))
+# The natural backdoor poisons nothing: it has its own tests (test_natural.py).
+POISONING = [n for n in NAMES if n != "natural"]
 N, K, SHAPE = 300, 5, (3, 16, 16)
+
+
+def toy_context() -> AttackContext:
+    """The runner's services, shrunk: an untrained seeded surrogate, no cache."""
+
+    def surrogate(kind: str, adversarial: dict | None) -> torch.nn.Module:
+        torch.manual_seed(0)
+        return SmallCNN(K, SHAPE[0], SHAPE[1:], [0.5] * 3, [0.25] * 3).eval()
+
+    return AttackContext(torch.device("cpu"), surrogate, lambda name, spec, compute: compute())
 
 
 def make_attack(name: str, **overrides: object) -> Attack:
     cfg = OmegaConf.merge(OmegaConf.load(ATTACK_DIR / f"{name}.yaml"), overrides)
+    if name == "label_consistent":  # keep the PGD short in the contract tests
+        cfg.steps = overrides.get("steps", 3)
     attack = instantiate_entry(cfg, "attack")
     attack.validate(K, SHAPE, N)
     return attack
 
 
-def poisoned(name: str, seed: int = 0, **overrides: object):
+def prepared(name: str, data, seed: int = 0, **overrides: object) -> Attack:
+    """An attack ready to trigger: prepared on ``data``; the natural backdoor gets a fixed
+    trigger as if inverted from a model."""
     attack = make_attack(name, **overrides)
+    attack.prepare(data, generator(seed, "attack", "prepare"), toy_context())
+    if name == "natural":
+        mask = torch.zeros(1, *SHAPE[1:])
+        mask[:, :3, :3] = 1.0
+        attack.load_state_dict({"mask": mask, "pattern": torch.ones(SHAPE), "target": 1})
+    return attack
+
+
+def poisoned(name: str, seed: int = 0, **overrides: object):
     train = toy_set(N, K, SHAPE)
-    attack.prepare(train, generator(seed, "attack", "prepare"))
+    attack = prepared(name, train, seed, **overrides)
     return attack, train, attack.poison(train, generator(seed, "poison"))
 
 
@@ -39,23 +65,31 @@ def test_module_and_class_match_the_config_name(name: str) -> None:
     assert type(attack).__module__ == f"attacks.{name}"
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", POISONING)
 def test_poison_count_labels_and_untouched_images(name: str) -> None:
     attack, train, p = poisoned(name)
     idx = torch.nonzero(p.is_poison).flatten()
-    assert p.num_poison == attack.num_poison(N) == round(attack.poison_rate * N)
     assert torch.equal(p.y_orig, train.y) and torch.equal(p.src_index, torch.arange(N))
     if attack.kind == "clean_label":
+        # A share of the target class; only target-class images, labels never change.
+        n_target = int((train.y == attack.target_class).sum())
+        assert p.num_poison == attack.num_poison(N) == round(attack.poison_rate * n_target)
+        assert (train.y[idx] == attack.target_class).all()
         assert torch.equal(p.y, train.y)
     else:
+        assert p.num_poison == attack.num_poison(N) == round(attack.poison_rate * N)
         assert torch.equal(p.y[idx], attack.target_labels(train.y[idx]))
     clean = ~p.is_poison
+    cover = getattr(attack, "cover_index", None)  # WaNet's noise-warped samples (labels kept)
+    if cover is not None:
+        assert not p.is_poison[cover].any() and torch.equal(p.y[cover], train.y[cover])
+        clean[cover] = False
     assert torch.equal(p.x[clean], train.x[clean])  # byte-identical
     assert torch.equal(p.y[clean], train.y[clean])
     assert not torch.equal(p.x[idx], train.x[idx])
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", POISONING)
 def test_same_seed_same_indices_other_seed_other_indices(name: str) -> None:
     _, _, a = poisoned(name, seed=0)
     _, _, b = poisoned(name, seed=0)
@@ -66,10 +100,9 @@ def test_same_seed_same_indices_other_seed_other_indices(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_poison_does_not_mutate_its_input(name: str) -> None:
-    attack = make_attack(name)
     train = toy_set(N, K, SHAPE)
     x0, y0 = train.x.clone(), train.y.clone()
-    attack.prepare(train, generator(0, "prepare"))
+    attack = prepared(name, train)
     attack.poison(train, generator(0, "poison"))
     attack.backdoor_test_set(train)
     assert torch.equal(train.x, x0) and torch.equal(train.y, y0)
@@ -77,8 +110,7 @@ def test_poison_does_not_mutate_its_input(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_trigger_keeps_shape_dtype_and_range(name: str) -> None:
-    attack = make_attack(name)
-    attack.prepare(toy_set(N, K, SHAPE), generator(0, "prepare"))
+    attack = prepared(name, toy_set(N, K, SHAPE))
     x = torch.rand(7, *SHAPE)
     out = attack.apply_trigger(x)
     assert out.shape == x.shape and out.dtype == x.dtype
@@ -90,9 +122,8 @@ def test_trigger_keeps_shape_dtype_and_range(name: str) -> None:
 
 @pytest.mark.parametrize("name", NAMES)
 def test_backdoor_test_set_excludes_the_target_class(name: str) -> None:
-    attack = make_attack(name)
     test = toy_set(100, K, SHAPE, seed=3)
-    attack.prepare(test, generator(0, "prepare"))
+    attack = prepared(name, test)
     bd = attack.backdoor_test_set(test)
     assert (bd.y_orig != attack.target_class).all()
     assert len(bd) == int((test.y != attack.target_class).sum())
@@ -104,9 +135,10 @@ def test_backdoor_test_set_excludes_the_target_class(name: str) -> None:
 def test_bad_values_name_the_key(name: str) -> None:
     from benchmark.errors import ConfigError
 
-    with pytest.raises(ConfigError, match=r"attack\.poison_rate"):
-        make_attack(name, poison_rate=1.5)
-    with pytest.raises(ConfigError, match=r"attack\.poison_rate"):
-        make_attack(name, poison_rate=0.0)
+    if name in POISONING:
+        with pytest.raises(ConfigError, match=r"attack\.poison_rate"):
+            make_attack(name, poison_rate=1.5)
+        with pytest.raises(ConfigError, match=r"attack\.poison_rate"):
+            make_attack(name, poison_rate=0.0)
     with pytest.raises(ConfigError, match=r"attack\.target_class"):
         make_attack(name, target_class=K)
