@@ -527,7 +527,7 @@ def stage_backdoor_test(
         data.evaluation,
         device=comp.device,
         seed=derive_seed(cfg.seed, "natural", stage),
-        amp=False,
+        amp=use_amp(cfg.train, comp.device),
     )
     path = run_dir / f"natural_triggers_{stage}.pt"
     atomic_torch_save(

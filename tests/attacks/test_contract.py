@@ -142,3 +142,18 @@ def test_bad_values_name_the_key(name: str) -> None:
             make_attack(name, poison_rate=0.0)
     with pytest.raises(ConfigError, match=r"attack\.target_class"):
         make_attack(name, target_class=K)
+
+
+@pytest.mark.parametrize("name", POISONING)
+def test_all_to_all_where_the_attack_allows_it(name: str) -> None:
+    from benchmark.errors import ConfigError
+
+    if "all2all" not in make_attack(name).modes:
+        with pytest.raises(ConfigError, match=r"attack\.mode"):
+            make_attack(name, mode="all2all")
+        return
+    attack, train, p = poisoned(name, mode="all2all")
+    idx = p.is_poison
+    assert torch.equal(p.y[idx], (train.y[idx] + 1) % K)
+    bd = attack.backdoor_test_set(train)
+    assert len(bd) == N and torch.equal(bd.y, (train.y + 1) % K)
