@@ -1,0 +1,624 @@
+"""``defense=linf_prune``: prune last-conv channels ranked by the l-inf norm of their maps.
+
+Cheng, Xu, Liu, Chen, Zhao, Lin. "Defending against Backdoor Attack on Deep Neural Networks."
+KDD 2019 Workshop on Adversarial Learning Methods, arXiv:2002.12162.
+
+Threat model: post-training. The defender holds the trained (possibly backdoored) model and a
+small clean reserve (``ctx.clean_set``); no poisoned data, no trigger, no target label.
+
+The paper's finding (abstract): a backdoor biases neuron activations most visibly in the
+l-inf norm of each activation map (not its l1 or l2 norm), and pruning neurons by that statistic
+lowers the attack success rate while keeping clean accuracy. Only the abstract and secondary
+summaries could be read and there is no official code, so the procedure follows the
+reconstruction in the implementer notes (``defenses-ultraclean-none-linf.md`` section 3):
+
+1. Layer: the last convolution of the model (``model.conv_layers()[-1]``); each output channel
+   is a "neuron". Its map is measured after the conv's norm layer and the following activation
+   (the post-ReLU feature map of the notes); see *Where the map is taken* below.
+2. Channel score: the norm of each channel's spatial map per image (``norm``: l-inf = max over
+   positions of ``|A|``, the default; l1 = sum of ``|A|``; l2 = Euclidean norm, as ablations),
+   averaged over the images (the notes' "mean l-inf norm over the clean set").
+3. Ranking (``ranking``):
+   - ``clean_asc`` (default; the notes' variant B, Fine-Pruning with the mean activation
+     replaced by the l-inf norm): scores on the clean reserve, ascending; channels dormant on
+     clean data go first. Needs no trigger.
+   - ``inverted_desc`` (the notes' variant A): a trigger is inverted on the clean reserve with
+     ``attacks.inversion.invert_triggers`` (all-to-one, one trigger per candidate target at the
+     mask-area budget ``inversion_budget``); the target is the class whose trigger has the
+     highest fit ASR on the reserve (ties: lowest class index), or ``inversion_target`` when
+     set. Channels are scored on the reserve images whose label is not that target, stamped
+     with its trigger, and pruned in descending order: the channels the trigger excites most.
+   - ``inverted_diff_desc``: as ``inverted_desc``, ranked by the increase of the score over the
+     same images unstamped (the notes' "trigger minus clean" alternative).
+4. Pruning: channels are masked one at a time in ranking order. After each step the clean
+   reserve accuracy is measured; the step that would make the drop from the unpruned model
+   exceed ``max_acc_drop`` is undone and pruning stops (a drop of exactly the budget is allowed).
+   Pruning also stops at ``floor(max_fraction * C)`` channels, and, for the inverted rankings
+   when ``stop_asr`` is set, as soon as the inverted trigger's ASR on the reserve is at most
+   ``stop_asr`` (the notes' "prune until ASR(t) < target" alternative; that step is kept).
+5. Optional fine-tuning on the reserve (``finetune_epochs``, ``finetune_lr``) with
+   ``ctx.fit``; the masks stay in place.
+
+Extras (plain scalars): ``layer`` (the masked site), ``conv_layer``, ``site_kind``, ``ranking``,
+``norm``, ``n_channels``, ``n_pruned``, ``fraction_pruned``, ``stop_reason`` (``acc_budget``,
+``max_fraction`` or ``asr``), ``n_reserve``, ``reserve_acc_before`` / ``_pruned`` / ``_after``
+(before pruning, after pruning, after fine-tuning), and for the inverted rankings
+``inversion_target``, ``inversion_fit_asr`` and ``inverted_asr_before`` / ``_pruned`` (the
+inverted trigger's ASR on the reserve; None otherwise).
+
+Masks are persistent: a ``(C,)`` buffer ``linf_prune_mask`` registered on the site module plus a
+forward hook that multiplies the site's output by it. The buffer is part of ``state_dict``
+(``restore_masks`` re-attaches hooks to a fresh model before loading), the hook survives
+``copy.deepcopy`` and pickling (a module-level function reading the buffer of the module it is
+called on), and fine-tuning cannot revive a pruned channel: its output is multiplied by 0 after
+the activation, whatever the conv, norm or BatchNorm bias learn.
+
+Where the map is taken (found by tracing one forward pass with hooks, no per-model code):
+
+- The site is the first activation module called after the last conv's norm layer (or after
+  the conv itself when it has no norm), provided it is called once per forward and its output
+  has the norm's shape. Otherwise, the norm (or the conv) itself. A timm norm that owns its
+  activation (``BatchNormAct2d``) is the site directly: its output is already activated.
+- small_cnn: ``block3.0`` conv -> ``block3.1`` BN -> site ``block3.2`` (ReLU).
+- vgg16_bn: ``features.40`` conv -> ``features.41`` BN -> site ``features.42`` (ReLU).
+- nin: ``features.18`` conv (no norm) -> site ``features.19`` (ReLU).
+- resnet18: ``layer4.1.conv2`` -> ``layer4.1.bn2`` -> residual add -> site ``layer4.1.relu2``,
+  i.e. the block output (the notes' "ResNet-18 layer4 output"); masking it zeroes the whole
+  channel of the final feature map, shortcut included.
+- timm resnet18: the same, site ``net.layer4.1.act2``; timm efficientnet: site ``net.bn2``
+  (BatchNormAct2d).
+- preact_resnet18: ``layer4.1.conv2`` has no norm and no activation after it (the residual
+  stream is pooled as it is), so the site is the conv output, i.e. the residual branch; the
+  shortcut still carries the channel. Same for the last conv of a ViT (the patch embedding) or
+  of convnext (``mlp.fc2``).
+- A model without any ``nn.Conv2d`` fails with a ``ConfigError`` naming ``model``.
+
+Choices the paper does not fix (all [INF] in the notes) and deviations:
+
+- The l-inf norm takes ``|A|`` (identical to ``max A`` after a ReLU; for signed maps such as the
+  pre-residual conv output of PreAct-ResNet it counts strong negative responses too).
+- l1 is the sum over positions, not the mean: every channel has the same map size, so the
+  ranking is the same.
+- The ranking, the accuracy check of the stop rule, the inversion and the fine-tuning all use
+  the same reserve images (``reserve_share`` of ``ctx.clean_set``, a seeded subset; all of it by
+  default), as Fine-Pruning uses one validation set. The reported ``reserve_acc_*`` are
+  therefore optimistic (the test accuracy is the runner's).
+- The stop rule is the 4-point clean-accuracy budget of Fine-Pruning (the notes' default).
+  The notes give no fraction cap; ``max_fraction: 1.0`` means none, except that at least one
+  channel always stays (a model with every channel of the layer masked ignores its input).
+- ``stop_asr`` (off by default): the notes' ASR-based stop, measured with the inverted trigger on
+  the reserve (never the real trigger, which the defender does not know).
+- Fine-tuning is off by default (the summaries do not mention it); the notes' ablation is
+  10 epochs at lr 0.01. It uses the run's recipe otherwise (optimizer, schedule over the
+  fine-tuning epochs, batch size, augmentation).
+- Inversion: the harness's bounded inversion (Neural Cleanse objective with ABS's mask-area
+  hinge, hard area bound) stands in for the paper's unspecified reverse engineering; budget 6%
+  of the image area (the natural-backdoor attack's default), 300 Adam steps, lr 0.1, 32 images
+  per step, penalty 50. The candidate target is chosen by fit ASR on the inversion images
+  themselves (the reserve is small; a split would halve it).
+- Scores are computed in eval mode (BatchNorm running statistics, no dropout) in fp32; the
+  accuracy checks use ``benchmark.train.predict`` (bf16 autocast on CUDA).
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from attacks.inversion import invert_triggers, stamp, trigger_asr
+from benchmark.data import to_float
+from benchmark.errors import ConfigError
+from benchmark.models.base import ACTIVATION_TYPES, ImageClassifier
+from benchmark.seeding import derive_seed
+from benchmark.train import predict, resolve_device
+from benchmark.types import ImageSet
+from defenses.base import Defense, DefenseContext, DefenseResult, Stage
+
+log = logging.getLogger(__name__)
+
+RANKINGS = ("clean_asc", "inverted_desc", "inverted_diff_desc")
+NORMS = ("linf", "l1", "l2")
+MASK_BUFFER = "linf_prune_mask"
+_ORD = {"linf": math.inf, "l1": 1.0, "l2": 2.0}
+
+
+# -- where to measure and mask ----------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class PruneSite:
+    """The module whose output holds the last conv layer's channel maps.
+
+    Attributes:
+        name: the module's name in the model (what is hooked and masked).
+        module: the module.
+        conv_name: the last conv layer's name.
+        channels: its number of output channels.
+        kind: ``activation``, ``norm`` (possibly owning its activation) or ``conv``.
+    """
+
+    name: str
+    module: nn.Module
+    conv_name: str
+    channels: int
+    kind: str
+
+
+def find_site(model: nn.Module) -> PruneSite:
+    """The site of ``model``'s last conv layer (see the module docstring for the rule)."""
+    if not isinstance(model, ImageClassifier):
+        raise TypeError(
+            "linf_prune needs a harness ImageClassifier (conv_layers()), got "
+            f"{type(model).__name__}"
+        )
+    convs = model.conv_layers()
+    if not convs:
+        raise ConfigError(
+            "model",
+            f"{type(model).__name__} has no nn.Conv2d layer: defense=linf_prune prunes the "
+            "channels of the last convolution",
+        )
+    last = convs[-1]
+    channels = int(last.conv.out_channels)
+    names = {m: n for n, m in model.named_modules()}
+    anchor = last.norm if last.norm is not None else last.conv
+    anchor_kind = "norm" if last.norm is not None else "conv"
+    if last.norm is not None and any(isinstance(m, ACTIVATION_TYPES) for m in last.norm.modules()):
+        return PruneSite(names[last.norm], last.norm, last.name, channels, "norm")
+
+    sites = {s.module: s for s in model.activation_sites()}
+    calls: list[tuple[nn.Module, tuple[int, ...] | None]] = []
+
+    def record(module: nn.Module, inputs: tuple, output: object) -> None:
+        shape = tuple(output.shape) if isinstance(output, Tensor) else None
+        calls.append((module, shape))
+
+    handles = [m.register_forward_hook(record) for m in [anchor, *sites]]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(model.example_input(2))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    at = max(i for i, (m, _) in enumerate(calls) if m is anchor)
+    anchor_shape = calls[at][1]
+    nxt = next(((m, s) for m, s in calls[at + 1 :] if m in sites), None)
+    if nxt is not None and sites[nxt[0]].calls == 1 and nxt[1] == anchor_shape:
+        return PruneSite(names[nxt[0]], nxt[0], last.name, channels, "activation")
+    if anchor_shape is None or len(anchor_shape) != 4 or anchor_shape[1] != channels:
+        # e.g. a norm over a permuted layout: mask the conv output itself.
+        return PruneSite(last.name, last.conv, last.name, channels, "conv")
+    return PruneSite(names[anchor], anchor, last.name, channels, anchor_kind)
+
+
+# -- persistent channel masks -------------------------------------------------------------------
+def _apply_mask(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    """Forward hook: zero the pruned channels of ``output`` ``(N, C, ...)``."""
+    mask = getattr(module, MASK_BUFFER)
+    shape = (1, -1) + (1,) * (output.dim() - 2)
+    return output * mask.to(output.dtype).view(shape)
+
+
+def install_mask(module: nn.Module, channels: int) -> Tensor:
+    """Give ``module`` a ``(channels,)`` mask buffer of ones and the hook applying it (once).
+
+    Returns the buffer; write zeros into it to prune.
+    """
+    existing = getattr(module, MASK_BUFFER, None)
+    if existing is not None:
+        if existing.shape != (channels,):
+            raise ValueError(f"{MASK_BUFFER} has shape {tuple(existing.shape)}, not ({channels},)")
+        return existing
+    device = next(iter(module.buffers()), next(iter(module.parameters()), torch.empty(0))).device
+    module.register_buffer(MASK_BUFFER, torch.ones(channels, device=device))
+    module.register_forward_hook(_apply_mask)
+    return getattr(module, MASK_BUFFER)
+
+
+def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Install a mask wherever ``state_dict`` (of a pruned model) has one, so that
+    ``model.load_state_dict(state_dict)`` then restores the pruning. Returns the module names."""
+    suffix = "." + MASK_BUFFER
+    names = [k[: -len(suffix)] for k in state_dict if k.endswith(suffix)]
+    for name in names:
+        install_mask(model.get_submodule(name), int(state_dict[name + suffix].numel()))
+    return names
+
+
+def set_pruned(mask: Tensor, channels: Tensor) -> None:
+    """Mask exactly ``channels`` (int64 indices): zeros there, ones elsewhere."""
+    mask.fill_(1.0)
+    mask[channels.to(mask.device)] = 0.0
+
+
+# -- channel scores and ranking ---------------------------------------------------------------
+def channel_norms(maps: Tensor, norm: str = "linf") -> Tensor:
+    """Per-image, per-channel norm of the spatial maps: ``(N, C, H, W)`` -> ``(N, C)``.
+
+    ``linf`` = max over positions of ``|A|``, ``l1`` = sum of ``|A|``, ``l2`` = Euclidean norm.
+    """
+    if norm not in _ORD:
+        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
+    return torch.linalg.vector_norm(maps.float().flatten(2), ord=_ORD[norm], dim=2)
+
+
+@torch.no_grad()
+def site_scores(
+    model: nn.Module,
+    site: nn.Module,
+    x: Tensor,
+    *,
+    norm: str = "linf",
+    transform: Callable[[Tensor], Tensor] | None = None,
+    device: torch.device | str = "cpu",
+    batch_size: int = 256,
+) -> Tensor:
+    """``channel_norms`` of ``site``'s output for every image of ``x`` (uint8 or float
+    ``(N, C, H, W)``), optionally transformed (e.g. stamped) first; ``(N, channels)`` on the CPU.
+    Eval mode, fp32."""
+    device = resolve_device(device)
+    out: list[Tensor] = []
+
+    def grab(module: nn.Module, inputs: tuple, output: Tensor) -> None:
+        out.append(channel_norms(output, norm).cpu())
+
+    handle = site.register_forward_hook(grab)
+    was_training = model.training
+    model.eval()
+    model.to(device)
+    try:
+        for i in range(0, x.shape[0], batch_size):
+            xb = x[i : i + batch_size].to(device)
+            xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
+            model(transform(xb) if transform is not None else xb)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def rank_channels(scores: Tensor, descending: bool) -> Tensor:
+    """Channel indices in pruning order (stable: ties keep the lower index first)."""
+    return torch.sort(scores, descending=descending, stable=True).indices
+
+
+# -- the stop rule ------------------------------------------------------------------------------
+def prune_count(
+    acc_at: Callable[[int], float],
+    acc0: float,
+    n_max: int,
+    max_acc_drop: float,
+    asr_at: Callable[[int], float] | None = None,
+    stop_asr: float | None = None,
+) -> tuple[int, str]:
+    """How many channels to prune, trying ``k = 1, 2, ..., n_max`` in turn.
+
+    Args:
+        acc_at: clean accuracy with the first ``k`` ranked channels pruned.
+        acc0: clean accuracy of the unpruned model.
+        n_max: the fraction cap in channels.
+        max_acc_drop: the step whose accuracy drop from ``acc0`` exceeds this is not taken.
+        asr_at: the inverted trigger's ASR with ``k`` channels pruned (only with ``stop_asr``).
+        stop_asr: stop once ``asr_at(k) <= stop_asr`` (that step is kept); None = never.
+
+    Returns:
+        ``(k, reason)`` with ``reason`` in ``acc_budget``, ``asr``, ``max_fraction``.
+    """
+    for k in range(1, n_max + 1):
+        if acc0 - acc_at(k) > max_acc_drop + 1e-9:
+            return k - 1, "acc_budget"
+        if stop_asr is not None and asr_at is not None and asr_at(k) <= stop_asr:
+            return k, "asr"
+    return n_max, "max_fraction"
+
+
+def _accuracy(model: nn.Module, data: ImageSet, device: torch.device, batch_size: int) -> float:
+    pred = predict(model, data.x, device=device, batch_size=batch_size)
+    return int((pred == data.y.cpu()).sum()) / len(data)
+
+
+@dataclass(frozen=True, eq=False)
+class Ranking:
+    """A pruning order and how it was obtained.
+
+    Attributes:
+        order: ``(C,)`` channel indices in pruning order.
+        scores: ``(C,)`` the scores it sorts.
+        target: the inversion's chosen target (None for ``clean_asc``).
+        mask, pattern: the inverted trigger (None for ``clean_asc``).
+        fit_asr: the chosen trigger's fit ASR on the reserve.
+    """
+
+    order: Tensor
+    scores: Tensor
+    target: int | None = None
+    mask: Tensor | None = None
+    pattern: Tensor | None = None
+    fit_asr: float | None = None
+
+
+class LinfPrune(Defense):
+    """l-inf-based pruning of the last conv layer's channels (see the module docstring).
+
+    Args:
+        ranking: ``clean_asc`` | ``inverted_desc`` | ``inverted_diff_desc``.
+        norm: ``linf`` | ``l1`` | ``l2``: the norm of each channel's spatial map.
+        max_acc_drop: the clean-reserve accuracy budget (fraction, 0.04 = 4 points).
+        max_fraction: most channels pruned, as a fraction of the layer (1.0 = no cap; at least
+            one channel always stays).
+        stop_asr: inverted rankings only: stop once the inverted trigger's reserve ASR is at
+            most this; null = off.
+        reserve_share: share of the clean reserve used (a seeded subset; 1.0 = all).
+        finetune_epochs: fine-tuning epochs on the reserve after pruning (0 = none).
+        finetune_lr: fine-tuning learning rate (the recipe's optimizer and schedule).
+        inversion_budget: mask-area budget of the inverted trigger (fraction of H x W).
+        inversion_target: fix the inverted target class; null = choose by fit ASR.
+        inversion_steps, inversion_lr, inversion_batch_size, inversion_penalty: the inversion.
+        batch_size: images per forward when scoring and evaluating.
+    """
+
+    name: ClassVar[str] = "linf_prune"
+    stage: ClassVar[Stage] = Stage.POST_TRAINING
+
+    def __init__(
+        self,
+        ranking: str = "clean_asc",
+        norm: str = "linf",
+        max_acc_drop: float = 0.04,
+        max_fraction: float = 1.0,
+        stop_asr: float | None = None,
+        reserve_share: float = 1.0,
+        finetune_epochs: int = 0,
+        finetune_lr: float = 0.01,
+        inversion_budget: float = 0.06,
+        inversion_target: int | None = None,
+        inversion_steps: int = 300,
+        inversion_lr: float = 0.1,
+        inversion_batch_size: int = 32,
+        inversion_penalty: float = 50.0,
+        batch_size: int = 256,
+    ) -> None:
+        if ranking not in RANKINGS:
+            raise ConfigError("defense.ranking", f"must be one of {RANKINGS}, got {ranking!r}")
+        if norm not in NORMS:
+            raise ConfigError("defense.norm", f"must be one of {NORMS}, got {norm!r}")
+        for key, value, low, high in (
+            ("max_acc_drop", max_acc_drop, 0.0, 1.0),
+            ("max_fraction", max_fraction, 0.0, 1.0),
+            ("inversion_budget", inversion_budget, 0.0, 1.0),
+        ):
+            if isinstance(value, bool) or not low <= float(value) <= high:
+                raise ConfigError(f"defense.{key}", f"must lie in [{low}, {high}], got {value!r}")
+        if not 0.0 < float(reserve_share) <= 1.0:
+            raise ConfigError("defense.reserve_share", f"must lie in (0, 1], got {reserve_share!r}")
+        if float(inversion_budget) == 0.0:
+            raise ConfigError("defense.inversion_budget", "must be > 0")
+        if stop_asr is not None and not 0.0 <= float(stop_asr) <= 1.0:
+            raise ConfigError("defense.stop_asr", f"must be null or in [0, 1], got {stop_asr!r}")
+        if stop_asr is not None and ranking == "clean_asc":
+            raise ConfigError(
+                "defense.stop_asr", "needs an inverted trigger: use an inverted_* ranking"
+            )
+        for key, value, low in (
+            ("finetune_epochs", finetune_epochs, 0),
+            ("inversion_steps", inversion_steps, 1),
+            ("inversion_batch_size", inversion_batch_size, 1),
+            ("batch_size", batch_size, 1),
+        ):
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"defense.{key}", f"must be an integer >= {low}, got {value!r}")
+        if not float(finetune_lr) > 0:
+            raise ConfigError("defense.finetune_lr", f"must be > 0, got {finetune_lr!r}")
+        if not float(inversion_lr) > 0 or not float(inversion_penalty) >= 0:
+            raise ConfigError(
+                "defense.inversion_lr",
+                f"lr must be > 0 and penalty >= 0, got {inversion_lr!r}, {inversion_penalty!r}",
+            )
+        self.ranking, self.norm = ranking, norm
+        self.max_acc_drop, self.max_fraction = float(max_acc_drop), float(max_fraction)
+        self.stop_asr = None if stop_asr is None else float(stop_asr)
+        self.reserve_share = float(reserve_share)
+        self.finetune_epochs, self.finetune_lr = finetune_epochs, float(finetune_lr)
+        self.inversion_budget = float(inversion_budget)
+        self.inversion_target = inversion_target
+        self.inversion_steps, self.inversion_lr = inversion_steps, float(inversion_lr)
+        self.inversion_batch_size = inversion_batch_size
+        self.inversion_penalty = float(inversion_penalty)
+        self.batch_size = batch_size
+
+    def validate(self, num_classes: int, n_train: int, n_clean: int) -> None:
+        if n_clean < 1:
+            raise ConfigError(
+                "defense_data.clean_fraction", "linf_prune needs a non-empty clean reserve"
+            )
+        t = self.inversion_target
+        if t is not None and (
+            isinstance(t, bool) or not isinstance(t, int) or not 0 <= t < num_classes
+        ):
+            raise ConfigError(
+                "defense.inversion_target",
+                f"= {t!r} is not a class of this dataset (0..{num_classes - 1})",
+            )
+
+    # -- steps ------------------------------------------------------------------------------
+    def reserve(self, ctx: DefenseContext) -> ImageSet:
+        """The reserve images used: all of ``ctx.clean_set`` or a seeded ``reserve_share``."""
+        data = ctx.clean_set
+        if self.reserve_share >= 1.0:
+            return data
+        n = max(1, round(self.reserve_share * len(data)))
+        return data.subset(torch.randperm(len(data), generator=ctx.generator("reserve"))[:n])
+
+    def rank(
+        self,
+        model: nn.Module,
+        site: PruneSite,
+        data: ImageSet,
+        *,
+        num_classes: int,
+        device: torch.device,
+        seed: int,
+    ) -> Ranking:
+        """The pruning order of ``site``'s channels under ``self.ranking`` on ``data``."""
+
+        def scores(x: Tensor, transform: Callable[[Tensor], Tensor] | None = None) -> Tensor:
+            per_image = site_scores(
+                model,
+                site.module,
+                x,
+                norm=self.norm,
+                transform=transform,
+                device=device,
+                batch_size=self.batch_size,
+            )
+            return per_image.mean(0)  # aggregate over images: mean of the per-image norms
+
+        if self.ranking == "clean_asc":
+            s = scores(data.x)
+            return Ranking(rank_channels(s, descending=False), s)
+
+        targets = (
+            [int(self.inversion_target)]
+            if self.inversion_target is not None
+            else list(range(num_classes))
+        )
+        inv = invert_triggers(
+            model,
+            data.x,
+            data.y,
+            targets=targets,
+            budgets=[self.inversion_budget],
+            steps=self.inversion_steps,
+            lr=self.inversion_lr,
+            batch_size=self.inversion_batch_size,
+            penalty=self.inversion_penalty,
+            device=device,
+            seed=seed,
+            amp=device.type == "cuda",
+        )
+        row = int(torch.argmax(inv.fit_asr[:, 0]))  # first maximum: lowest class on ties
+        target = int(inv.targets[row])
+        mask, pattern = inv.mask[row, 0], inv.pattern[row, 0]
+        x_other = data.x[(data.y != target).to(data.x.device)]
+        if x_other.shape[0] == 0:
+            raise ConfigError(
+                "defense.reserve_share",
+                f"the reserve has no image outside the inverted target {target}",
+            )
+        m, p = mask.to(device), pattern.to(device)
+        s = scores(x_other, lambda xb: stamp(xb, m, p))
+        if self.ranking == "inverted_diff_desc":
+            s = s - scores(x_other)
+        return Ranking(
+            rank_channels(s, descending=True),
+            s,
+            target=target,
+            mask=mask,
+            pattern=pattern,
+            fit_asr=float(inv.fit_asr[row, 0]),
+        )
+
+    def run(self, ctx: DefenseContext) -> DefenseResult:
+        assert ctx.model is not None, "post-training defenses receive the trained model"
+        device = ctx.device
+        model = copy.deepcopy(ctx.model)
+        site = find_site(model)
+        mask = install_mask(site.module, site.channels)
+        model.to(device).eval()
+        data = self.reserve(ctx)
+        log.info(
+            "linf_prune: %s channels of %s, measured at %s (%s); %d reserve images",
+            site.channels,
+            site.conv_name,
+            site.name,
+            site.kind,
+            len(data),
+        )
+
+        seed = derive_seed(ctx.seed, "inversion")
+        ranking = self.rank(
+            model, site, data, num_classes=ctx.num_classes, device=device, seed=seed
+        )
+
+        def acc_at(k: int) -> float:
+            set_pruned(mask, ranking.order[:k])
+            return _accuracy(model, data, device, self.batch_size)
+
+        def asr_at(k: int) -> float:
+            set_pruned(mask, ranking.order[:k])
+            return self._trigger_asr(model, data, ranking, device)
+
+        acc0 = acc_at(0)
+        asr0 = self._trigger_asr(model, data, ranking, device)
+        n_max = min(math.floor(self.max_fraction * site.channels + 1e-9), site.channels - 1)
+        n, reason = prune_count(acc_at, acc0, n_max, self.max_acc_drop, asr_at, self.stop_asr)
+        set_pruned(mask, ranking.order[:n])
+        acc_pruned = _accuracy(model, data, device, self.batch_size)
+        asr_pruned = self._trigger_asr(model, data, ranking, device)
+        log.info(
+            "linf_prune: pruned %d/%d channels (%s); reserve accuracy %.4f -> %.4f",
+            n,
+            site.channels,
+            reason,
+            acc0,
+            acc_pruned,
+        )
+
+        acc_after = acc_pruned
+        if self.finetune_epochs > 0:
+            ctx.fit(
+                model,
+                data,
+                epochs=self.finetune_epochs,
+                lr=self.finetune_lr,
+                desc="linf_prune finetune",
+            )
+            model.eval()
+            acc_after = _accuracy(model, data, device, self.batch_size)
+
+        extras: dict[str, Any] = {
+            "layer": site.name,
+            "conv_layer": site.conv_name,
+            "site_kind": site.kind,
+            "ranking": self.ranking,
+            "norm": self.norm,
+            "n_channels": site.channels,
+            "n_pruned": n,
+            "fraction_pruned": n / site.channels,
+            "stop_reason": reason,
+            "n_reserve": len(data),
+            "reserve_acc_before": acc0,
+            "reserve_acc_pruned": acc_pruned,
+            "reserve_acc_after": acc_after,
+            "inversion_target": ranking.target,
+            "inversion_fit_asr": ranking.fit_asr,
+            "inverted_asr_before": asr0,
+            "inverted_asr_pruned": asr_pruned,
+        }
+        return DefenseResult(model=model, extras=extras)
+
+    def _trigger_asr(
+        self, model: nn.Module, data: ImageSet, ranking: Ranking, device: torch.device
+    ) -> float | None:
+        """The inverted trigger's ASR on the reserve (None without an inverted trigger)."""
+        if ranking.mask is None or ranking.pattern is None or ranking.target is None:
+            return None
+        asr, _, _ = trigger_asr(
+            model,
+            data.x,
+            data.y,
+            ranking.mask,
+            ranking.pattern,
+            ranking.target,
+            device=device,
+            batch_size=self.batch_size,
+        )
+        return asr
