@@ -32,6 +32,7 @@ from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from torch import nn
 
 from attacks.base import Attack, AttackContext
+from attacks.inversion import InvertedTriggers
 from attacks.pgd import adversarial_training_hook
 from benchmark import metrics
 from benchmark.cache import ModelCache, cache_key
@@ -521,25 +522,44 @@ def stage_backdoor_test(
     attack = comp.attack
     if data.inversion is None or data.evaluation is None:
         return data.backdoor_test
-    report, inverted = attack.invert(
-        model,
-        data.inversion,
-        data.evaluation,
-        device=comp.device,
-        seed=derive_seed(cfg.seed, "natural", stage),
-        amp=use_amp(cfg.train, comp.device),
-    )
-    path = run_dir / f"natural_triggers_{stage}.pt"
-    atomic_torch_save(
-        {
+
+    def invert() -> dict[str, Any]:
+        report, inverted = attack.invert(
+            model,
+            data.inversion,
+            data.evaluation,
+            device=comp.device,
+            seed=derive_seed(cfg.seed, "natural", stage),
+            amp=use_amp(cfg.train, comp.device),
+        )
+        return {
+            "report": report,
+            "trigger": attack.state_dict(),
             "targets": inverted.targets,
             "budgets": list(inverted.budgets),
             "mask": inverted.mask,
             "pattern": inverted.pattern,
             "fit_asr": inverted.fit_asr,
-        },
-        path,
+        }
+
+    # The backdoored model is the cached one, so its inversion is cached with it: every
+    # defense of a sweep then inverts only its own defended model.
+    cache = ModelCache(cfg.paths.cache_dir, enabled=cfg.cache.enabled and stage == "backdoored")
+    key = f"natural-{cache_key(cfg)}"
+    with cache.lock(key) if cache.enabled else contextlib.nullcontext():
+        found = cache.load(key)
+        hit = found is not None
+        if found is None:
+            found = invert()
+            cache.save(key, found, OmegaConf.to_yaml(cfg.attack, resolve=True))
+        else:
+            attack.load_state_dict(found["trigger"])
+    keys = ("targets", "budgets", "mask", "pattern", "fit_asr")
+    atomic_torch_save({k: found[k] for k in keys}, run_dir / f"natural_triggers_{stage}.pt")
+    inverted = InvertedTriggers(
+        **{k: found[k] for k in keys} | {"budgets": tuple(found["budgets"])}
     )
+    report = found["report"]
     save_inverted_triggers(inverted, report, run_dir / f"natural_triggers_{stage}.png")
     record.setdefault("natural", {})[stage] = {
         "budget": attack.budget,
@@ -547,6 +567,7 @@ def stage_backdoor_test(
         "budgets": report,
         "n_inversion": len(data.inversion),
         "n_evaluation": len(data.evaluation),
+        "from_cache": hit,
     }
     log.info(
         "natural backdoor (%s): %s",

@@ -88,6 +88,10 @@ def test_natural_backdoor_is_inverted_per_stage_on_a_disjoint_split(
     monkeypatch.setattr(pipeline, "defend", changed)
     record = pipeline.run(cfg, run_dir=tmp_path / "defended")
     assert calls and (tmp_path / "defended" / "natural_triggers_defended.pt").exists()
+    # the backdoored model's inversion comes from the cache; the defended model's is new
+    assert not nat["from_cache"] and record["natural"]["backdoored"]["from_cache"]
+    assert record["natural"]["backdoored"]["budgets"] == nat["budgets"]
+    assert not record["natural"]["defended"]["from_cache"]
     saved = json.loads((tmp_path / "defended" / "metrics.json").read_text())
     assert saved["defended"]["asr"] == pytest.approx(
         saved["natural"]["defended"]["budgets"]["0.06"]["asr"]
