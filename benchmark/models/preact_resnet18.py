@@ -17,6 +17,9 @@ block: 16 sites), instead of ``F.relu``, so defenses can hook and clip them; the
 out of place so tracing pairs conv outputs with norms honestly; the stem takes ``in_chans``;
 normalisation happens inside ``forward``. Parameter names match BackdoorBench's, so its
 checkpoints load with ``strict=False`` (only our ``mean``/``std`` buffers are missing).
+
+``width`` (64 = the paper's and BackdoorBench's) scales every stage: ``width=16`` is a small
+ResNet (0.70M parameters, about 1/16 of the compute) for real-data runs on CPU.
 """
 
 from __future__ import annotations
@@ -68,11 +71,14 @@ class PreActResNet18(ImageClassifier):
         image_size: Sequence[int],
         mean: Sequence[float],
         std: Sequence[float],
+        width: int = 64,
     ) -> None:
         super().__init__(num_classes, in_chans, image_size, mean, std)
-        self.conv1 = nn.Conv2d(in_chans, 64, 3, padding=1, bias=False)
-        widths, strides = (64, 128, 256, 512), (1, 2, 2, 2)
-        in_planes = 64
+        if width < 1:
+            raise ValueError(f"model.width must be a positive channel count, got {width}")
+        self.conv1 = nn.Conv2d(in_chans, width, 3, padding=1, bias=False)
+        widths, strides = (width, 2 * width, 4 * width, 8 * width), (1, 2, 2, 2)
+        in_planes = width
         for i, (planes, stride) in enumerate(zip(widths, strides, strict=True), start=1):
             self.add_module(
                 f"layer{i}",
@@ -81,7 +87,7 @@ class PreActResNet18(ImageClassifier):
             in_planes = planes
         # Adaptive (BackdoorBench's choice too) so 28x28 digits and 64x64 images work.
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.linear = nn.Linear(512, num_classes)
+        self.linear = nn.Linear(8 * width, num_classes)
 
     def forward_features(self, x: Tensor) -> Tensor:
         x = self.conv1(self.normalize(x))

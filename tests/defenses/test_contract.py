@@ -22,7 +22,7 @@ BUDGET_S = 120  # per defense on the smoke setting, on two CPU cores
 def test_defense_contract(name: str, make_cfg, tmp_path: Path, monkeypatch) -> None:
     cfg = make_cfg(f"defense={name}")
     comp = pipeline.build(cfg)
-    assert comp.defense.name == name and type(comp.defense).__module__ == f"defenses.{name}"
+    assert comp.defense.name == name and type(comp.defense).__module__ == f"defenses.{name.lower()}"
     assert isinstance(comp.defense.stage, Stage)
     data = pipeline.load_data(cfg, comp)
     model = pipeline.backdoored_model(cfg, comp, data, tmp_path, {})

@@ -83,3 +83,11 @@ def test_nin_dropout_only_in_training() -> None:
         torch.manual_seed(0)
         a = model(x)
         assert not torch.equal(a, model(x))
+
+
+def test_preact_width_scales_every_stage() -> None:
+    """``model.width=16``: the small ResNet of the CPU real-data runs."""
+    model = build_model("preact_resnet18", width=16)
+    assert sum(p.numel() for p in model.parameters()) == 700_762
+    assert [s.conv.out_channels for s in model.conv_layers()][-1] == 128
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
