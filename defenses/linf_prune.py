@@ -67,10 +67,13 @@ Where the map is taken (found by tracing one forward pass with hooks, no per-mod
   channel of the final feature map, shortcut included.
 - timm resnet18: the same, site ``net.layer4.1.act2``; timm efficientnet: site ``net.bn2``
   (BatchNormAct2d).
-- preact_resnet18: ``layer4.1.conv2`` has no norm and no activation after it (the residual
-  stream is pooled as it is), so the site is the conv output, i.e. the residual branch; the
-  shortcut still carries the channel. Same for the last conv of a ViT (the patch embedding) or
-  of convnext (``mlp.fc2``).
+- preact_resnet18: ``layer4.1.conv2`` has no norm and no activation after it, and its output
+  is added to the shortcut before the residual stream is pooled. Masking the conv output would
+  leave the channel alive through the shortcut, so the site moves past the add: it is the
+  output of the outermost enclosing block of the same shape (``layer4``, the stage, kind
+  ``block``), i.e. the channel of the pooled feature map, as for ResNet-18 (the rule is
+  generic: whenever the site's map is not what the network finally carries at that shape).
+  The last conv of a ViT (the patch embedding) keeps the conv output as its site.
 - A model without any ``nn.Conv2d`` fails with a ``ConfigError`` naming ``model``.
 
 Choices the paper does not fix (all [INF] in the notes) and deviations:
@@ -139,7 +142,8 @@ class PruneSite:
         module: the module.
         conv_name: the last conv layer's name.
         channels: its number of output channels.
-        kind: ``activation``, ``norm`` (possibly owning its activation) or ``conv``.
+        kind: ``activation``, ``norm`` (possibly owning its activation), ``conv``, or ``block``
+            (the output of the block or stage that adds a shortcut to the conv's map).
     """
 
     name: str
@@ -192,11 +196,62 @@ def find_site(model: nn.Module) -> PruneSite:
     anchor_shape = calls[at][1]
     nxt = next(((m, s) for m, s in calls[at + 1 :] if m in sites), None)
     if nxt is not None and sites[nxt[0]].calls == 1 and nxt[1] == anchor_shape:
-        return PruneSite(names[nxt[0]], nxt[0], last.name, channels, "activation")
-    if anchor_shape is None or len(anchor_shape) != 4 or anchor_shape[1] != channels:
+        site = PruneSite(names[nxt[0]], nxt[0], last.name, channels, "activation")
+    elif anchor_shape is None or len(anchor_shape) != 4 or anchor_shape[1] != channels:
         # e.g. a norm over a permuted layout: mask the conv output itself.
         return PruneSite(last.name, last.conv, last.name, channels, "conv")
-    return PruneSite(names[anchor], anchor, last.name, channels, anchor_kind)
+    else:
+        site = PruneSite(names[anchor], anchor, last.name, channels, anchor_kind)
+    return _past_residual_add(model, site, names)
+
+
+def _past_residual_add(model: nn.Module, site: PruneSite, names: dict[nn.Module, str]) -> PruneSite:
+    """Move ``site`` to the block output when a residual add follows it.
+
+    When the site's map is added to a shortcut afterwards (PreAct-ResNet's last ``conv2``,
+    which has no norm or activation after it), masking the site leaves the channel alive in
+    the residual stream that is pooled. The blocks containing the site return that stream: the
+    last of them whose output has the site's shape, when its output is a different tensor, is
+    the site instead (the stage that returns the block's output). Masking it zeroes the
+    channel of the final feature map, shortcut included, as masking ResNet-18's post-add ReLU
+    does.
+    """
+    calls: list[tuple[nn.Module, object]] = []
+
+    def record(module: nn.Module, inputs: tuple, output: object) -> None:
+        calls.append((module, output))
+
+    modules = [m for m in names if m is not model]
+    handles = [m.register_forward_hook(record) for m in modules]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(model.example_input(2))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    at = max(i for i, (m, _) in enumerate(calls) if m is site.module)
+    out = calls[at][1]
+    # Only the blocks containing the site can add a shortcut to it (not, e.g., a global pool
+    # that keeps a 1x1 map's shape).
+    ancestors = {m for m in modules if site.name.startswith(names[m] + ".")}
+    same = [
+        i
+        for i, (m, o) in enumerate(calls)
+        if i > at
+        and m in ancestors
+        and isinstance(o, Tensor)
+        and isinstance(out, Tensor)
+        and o.shape == out.shape
+    ]
+    if not same or calls[same[-1]][1] is out:
+        return site
+    module = calls[same[-1]][0]
+    if sum(m is module for m, _ in calls) != 1:
+        return site  # a shared module: its output is not one place in the network
+    return PruneSite(names[module], module, site.conv_name, site.channels, "block")
 
 
 # -- persistent channel masks -------------------------------------------------------------------

@@ -122,7 +122,7 @@ KW = {
         (functools.partial(VGG16BN, **KW), "features.42", "features.40", "activation"),
         (functools.partial(NiN, **KW), "features.19", "features.18", "activation"),
         (functools.partial(ResNet18, **KW), "layer4.1.relu2", "layer4.1.conv2", "activation"),
-        (functools.partial(PreActResNet18, **KW), "layer4.1.conv2", "layer4.1.conv2", "conv"),
+        (functools.partial(PreActResNet18, **KW), "layer4", "layer4.1.conv2", "block"),
         (
             functools.partial(TimmClassifier, **KW),
             "net.layer4.1.act2",
@@ -141,6 +141,24 @@ def test_find_site_on_harness_models(build, site: str, conv: str, kind: str) -> 
     found = find_site(model)
     assert (found.name, found.conv_name, found.kind) == (site, conv, kind)
     assert found.channels in (128, 192, 512)
+
+
+def test_preact_site_masks_the_pooled_channel_shortcut_included() -> None:
+    """Masking PreAct-ResNet's last conv output alone would leave the channel in the residual
+    stream; the site past the add zeroes it in the pooled features."""
+    torch.manual_seed(0)
+    model = PreActResNet18(**{**KW, "image_size": (16, 16)}, width=8).eval()
+    site = find_site(model)
+    x = torch.rand(3, 3, 16, 16)
+    with torch.no_grad():
+        before = model.forward_features(x)
+    set_pruned(install_mask(site.module, site.channels), torch.tensor([2, 40]))
+    with torch.no_grad():
+        after = model.forward_features(x)
+    assert (before[:, [2, 40]].abs() > 0).all()
+    assert torch.equal(after[:, [2, 40]], torch.zeros(3, 2))
+    keep = [c for c in range(64) if c not in (2, 40)]
+    assert torch.equal(after[:, keep], before[:, keep])
 
 
 def test_model_without_conv_fails_clearly() -> None:
