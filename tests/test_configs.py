@@ -77,7 +77,7 @@ def test_attack_options(name: str, tmp_path: Path) -> None:
 def test_defense_options(name: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"defense={name}"], tmp_path)
     defense = instantiate_entry(cfg.defense, "defense")
-    assert defense.name == name and type(defense).__module__ == f"defenses.{name}"
+    assert defense.name == name and type(defense).__module__ == f"defenses.{name.lower()}"
 
 
 @pytest.mark.parametrize("name", options("train"))
