@@ -295,6 +295,7 @@ def fit_bounds(
     gen: torch.Generator,
     on_epoch_start: Callable[[int], None] | None = None,
     channels_last: bool = False,
+    bound_floor: float | None = None,
     desc: str = "bounds",
 ) -> BoundFit:
     """Train the bounds: Adam on ``MSE(clipped logits, ref) + c * penalty(step)`` per batch.
@@ -310,6 +311,8 @@ def fit_bounds(
         gen: the batch order.
         on_epoch_start: called with the epoch index before its first batch.
         channels_last: feed NHWC batches (faster convolutions on CPU and CUDA).
+        bound_floor: None = unconstrained bounds (the official code); a number = the bounds
+            are projected onto ``>= bound_floor`` after every step.
     """
     optimizer = torch.optim.Adam(model.bounds.parameters(), lr=lr)
     result = BoundFit(c=float(controller.c0))
@@ -330,6 +333,10 @@ def fit_bounds(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            if bound_floor is not None:
+                with torch.no_grad():
+                    for b in model.bounds:
+                        b.clamp_(min=bound_floor)
             correct += int((out.detach().argmax(1) == y[idx]).sum())
             loss_sum += float(loss.detach()) * len(idx)
         acc = correct / n
@@ -416,6 +423,7 @@ def bound_extras(
         "n_bound_params": int(bounds.numel()),
         "bound_mean": float(bounds.mean()),
         "bound_min": float(bounds.min()),
+        "n_bounds_negative": int((bounds < 0).sum()),
         "bound_max": float(bounds.max()),
         "n_clean_selected": len(clean.drawn),
         "clean_per_class_min": int(counts.min()),
@@ -447,3 +455,12 @@ def check_positive(key: str, value: object, *, integer: bool) -> None:
     if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
         kind = "an integer" if integer else "a number"
         raise ConfigError(f"defense.{key}", f"must be {kind} > 0, got {value!r}")
+
+
+def check_floor(value: object) -> float | None:
+    """``defense.bound_floor``: null or a number."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        raise ConfigError("defense.bound_floor", f"must be null or a number, got {value!r}")
+    return float(value)

@@ -76,6 +76,7 @@ from defenses.clipping import (
     ClippedModel,
     ClipPoint,
     bound_extras,
+    check_floor,
     check_positive,
     clip_points,
     controller_from,
@@ -142,6 +143,7 @@ class MMBM(Defense):
         c0, c_factor, target_acc, c_start_after, c_every: the ``c`` rule (``CController``).
         n_sites: how many stage ends to clip (``sites: null``).
         sites: activation module names to clip instead of the stage ends.
+        bound_floor: null = unconstrained bounds (the code); a number = projected onto >= it.
     """
 
     name: ClassVar[str] = "mmbm"
@@ -161,6 +163,7 @@ class MMBM(Defense):
         c_every: int = 10,
         n_sites: int = 3,
         sites: Sequence[str] | None = None,
+        bound_floor: float | None = None,
     ) -> None:
         for key, value in (
             ("per_class", per_class),
@@ -181,6 +184,7 @@ class MMBM(Defense):
         self.controller = controller_from(c0, c_factor, target_acc, c_start_after, c_every)
         self.per_class, self.batch_size, self.epochs, self.lr = per_class, batch_size, epochs, lr
         self.init_bound, self.n_sites, self.sites = float(init_bound), n_sites, sites
+        self.bound_floor = check_floor(bound_floor)
 
     def validate(self, num_classes: int, n_train: int, n_clean: int) -> None:
         if n_clean < 1:
@@ -213,6 +217,7 @@ class MMBM(Defense):
             controller=self.controller,
             gen=ctx.generator("mmbm", "order"),
             channels_last=channels_last,
+            bound_floor=self.bound_floor,
             desc="mmbm",
         )
         base.to(memory_format=torch.contiguous_format)

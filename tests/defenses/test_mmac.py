@@ -194,6 +194,40 @@ def test_fit_bounds_applies_the_controller_to_the_epoch_accuracy() -> None:
     assert fit.c == 0.5 * 2.0 * 2.0  # epochs 2 and 4
 
 
+def test_bound_floor_projects_the_bounds_after_every_step() -> None:
+    """A penalty that pushes every bound down: unconstrained (the code) they go negative;
+    with ``bound_floor=0`` they stop at 0."""
+    net = Toy().eval()
+    x = torch.randint(0, 256, (6, 1, 4, 4), dtype=torch.uint8)
+    with torch.no_grad():
+        ref = net(to_float(x))
+    mins = {}
+    for floor in (None, 0.0):
+        model = ClippedModel(net, clip_points(net), init=0.5)
+        fit_bounds(
+            model,
+            x,
+            ref.argmax(1),
+            ref,
+            lambda step, m=model: sum(b.sum() for b in m.bounds),
+            epochs=20,
+            lr=0.1,
+            batch_size=6,
+            controller=CController(10.0, 1.2, 0.95, start_after=100, every=10),
+            gen=torch.Generator().manual_seed(0),
+            bound_floor=floor,
+        )
+        mins[floor] = float(model.bound_values().min())
+    assert mins[None] < -0.5
+    assert mins[0.0] == 0.0
+
+
+def test_bound_floor_must_be_null_or_a_number() -> None:
+    assert MMAC(bound_floor=0).bound_floor == 0.0 and MMAC().bound_floor is None
+    with pytest.raises(ConfigError, match="bound_floor"):
+        MMAC(bound_floor="zero")
+
+
 def test_synthesis_is_plain_sgd_on_the_margin_in_pixel_space() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Flatten(), nn.Linear(4, 3))
