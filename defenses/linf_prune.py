@@ -182,16 +182,7 @@ def find_site(model: nn.Module) -> PruneSite:
         shape = tuple(output.shape) if isinstance(output, Tensor) else None
         calls.append((module, shape))
 
-    handles = [m.register_forward_hook(record) for m in [anchor, *sites]]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(model.example_input(2))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _probe(model, [anchor, *sites], record)
     at = max(i for i, (m, _) in enumerate(calls) if m is anchor)
     anchor_shape = calls[at][1]
     nxt = next(((m, s) for m, s in calls[at + 1 :] if m in sites), None)
@@ -205,7 +196,9 @@ def find_site(model: nn.Module) -> PruneSite:
     return _past_residual_add(model, site, names)
 
 
-def _past_residual_add(model: nn.Module, site: PruneSite, names: dict[nn.Module, str]) -> PruneSite:
+def _past_residual_add(
+    model: ImageClassifier, site: PruneSite, names: dict[nn.Module, str]
+) -> PruneSite:
     """Move ``site`` to the block output when a residual add follows it.
 
     When the site's map is added to a shortcut afterwards (PreAct-ResNet's last ``conv2``,
@@ -222,16 +215,7 @@ def _past_residual_add(model: nn.Module, site: PruneSite, names: dict[nn.Module,
         calls.append((module, output))
 
     modules = [m for m in names if m is not model]
-    handles = [m.register_forward_hook(record) for m in modules]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(model.example_input(2))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    _probe(model, modules, record)
     at = max(i for i, (m, _) in enumerate(calls) if m is site.module)
     out = calls[at][1]
     # Only the blocks containing the site can add a shortcut to it (not, e.g., a global pool
@@ -252,6 +236,20 @@ def _past_residual_add(model: nn.Module, site: PruneSite, names: dict[nn.Module,
     if sum(m is module for m, _ in calls) != 1:
         return site  # a shared module: its output is not one place in the network
     return PruneSite(names[module], module, site.conv_name, site.channels, "block")
+
+
+def _probe(model: ImageClassifier, modules: list[nn.Module], hook: Callable[..., None]) -> None:
+    """One eval-mode forward pass of a probe batch with ``hook`` on ``modules``."""
+    handles = [m.register_forward_hook(hook) for m in modules]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(model.example_input(2))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
 
 
 # -- persistent channel masks -------------------------------------------------------------------

@@ -138,6 +138,7 @@ from benchmark.models.base import ACTIVATION_TYPES, NORM_TYPES, ImageClassifier
 from benchmark.seeding import derive_seed
 from benchmark.types import ImageSet
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
+from defenses.checks import as_number, is_int, require
 
 log = logging.getLogger(__name__)
 
@@ -754,30 +755,35 @@ class NONE(Defense):
             )
 
     def _check_settings(self) -> None:
-        _check(0.0 < _num(self.reset_fraction) <= 1.0, "reset_fraction", "a number in (0, 1]", self)
+        _check(
+            0.0 < as_number(self.reset_fraction) <= 1.0,
+            "reset_fraction",
+            "a number in (0, 1]",
+            self,
+        )
         for key in ("rounds", "finetune_batch_size", "batch_size"):
             _check(
-                _int(getattr(self, key)) and getattr(self, key) >= 1, key, "an integer >= 1", self
+                is_int(getattr(self, key)) and getattr(self, key) >= 1, key, "an integer >= 1", self
             )
         _check(
-            _int(self.finetune_epochs) and self.finetune_epochs >= 0,
+            is_int(self.finetune_epochs) and self.finetune_epochs >= 0,
             "finetune_epochs",
             "an integer >= 0",
             self,
         )
-        _check(_num(self.finetune_lr) > 0, "finetune_lr", "a number > 0", self)
+        _check(as_number(self.finetune_lr) > 0, "finetune_lr", "a number > 0", self)
         for key in ("finetune_momentum", "finetune_weight_decay", "n_std"):
-            _check(_num(getattr(self, key)) >= 0, key, "a number >= 0", self)
+            _check(as_number(getattr(self, key)) >= 0, key, "a number >= 0", self)
         for key in ("lambda_low", "lambda_high"):
-            _check(0.0 <= _num(getattr(self, key)) <= 1.0, key, "a number in [0, 1]", self)
+            _check(0.0 <= as_number(getattr(self, key)) <= 1.0, key, "a number in [0, 1]", self)
         _check(
-            _num(self.lambda_low) < _num(self.lambda_high),
+            as_number(self.lambda_low) < as_number(self.lambda_high),
             "lambda_low",
             f"below lambda_high = {self.lambda_high!r}",
             self,
         )
         _check(
-            self.detect_fraction is None or 0.0 < _num(self.detect_fraction) <= 1.0,
+            self.detect_fraction is None or 0.0 < as_number(self.detect_fraction) <= 1.0,
             "detect_fraction",
             "null or a number in (0, 1]",
             self,
@@ -972,17 +978,5 @@ class NONE(Defense):
         return extras
 
 
-def _int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _num(value: object) -> float:
-    """``value`` as a float, NaN for anything that is not a number (so every check fails)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return math.nan
-    return float(value)
-
-
 def _check(ok: bool, key: str, what: str, defense: NONE) -> None:
-    if not ok:
-        raise ConfigError(f"defense.{key}", f"must be {what}, got {getattr(defense, key)!r}")
+    require(ok, key, what, getattr(defense, key))

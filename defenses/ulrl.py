@@ -81,6 +81,7 @@ from benchmark.io import atomic_torch_save
 from benchmark.seeding import derive_seed
 from benchmark.types import ImageSet
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
+from defenses.checks import as_number, is_int, require
 
 log = logging.getLogger(__name__)
 
@@ -277,8 +278,8 @@ class ULRL(Defense):
         relearn_momentum: float = 0.9,
         alpha: float = 0.001,
     ) -> None:
-        _check(
-            0.0 < _num(clean_fraction_of_train) <= 1.0,
+        require(
+            0.0 < as_number(clean_fraction_of_train) <= 1.0,
             "clean_fraction_of_train",
             "in (0, 1]",
             clean_fraction_of_train,
@@ -289,7 +290,7 @@ class ULRL(Defense):
             ("relearn_epochs", relearn_epochs),
             ("max_flagged", max_flagged),
         ):
-            _check(_int(value) and value >= 1, key, "an integer >= 1", value)
+            require(is_int(value) and value >= 1, key, "an integer >= 1", value)
         for key, value in (
             ("unlearn_lr", unlearn_lr),
             ("relearn_lr", relearn_lr),
@@ -297,31 +298,31 @@ class ULRL(Defense):
             ("mad_scale", mad_scale),
             ("unlearn_gamma", unlearn_gamma),
         ):
-            _check(_num(value) > 0, key, "a number > 0", value)
+            require(as_number(value) > 0, key, "a number > 0", value)
         for key, value in (
             ("unlearn_momentum", unlearn_momentum),
             ("unlearn_weight_decay", unlearn_weight_decay),
             ("relearn_momentum", relearn_momentum),
             ("alpha", alpha),
         ):
-            _check(_num(value) >= 0, key, "a number >= 0", value)
-        _check(0.0 <= _num(stop_acc) <= 1.0, "stop_acc", "in [0, 1]", stop_acc)
-        _check(
-            unlearn_grad_clip is None or _num(unlearn_grad_clip) > 0,
+            require(as_number(value) >= 0, key, "a number >= 0", value)
+        require(0.0 <= as_number(stop_acc) <= 1.0, "stop_acc", "in [0, 1]", stop_acc)
+        require(
+            unlearn_grad_clip is None or as_number(unlearn_grad_clip) > 0,
             "unlearn_grad_clip",
             "a number > 0 or null",
             unlearn_grad_clip,
         )
         milestones = list(unlearn_milestones)
-        _check(
-            all(_int(m) and m >= 1 for m in milestones),
+        require(
+            all(is_int(m) and m >= 1 for m in milestones),
             "unlearn_milestones",
             "a list of epochs >= 1",
             unlearn_milestones,
         )
-        _check(order in ORDERS, "order", f"one of {ORDERS}", order)
-        _check(isinstance(reinit, bool), "reinit", "true or false", reinit)
-        _check(isinstance(augment, bool), "augment", "true or false", augment)
+        require(order in ORDERS, "order", f"one of {ORDERS}", order)
+        require(isinstance(reinit, bool), "reinit", "true or false", reinit)
+        require(isinstance(augment, bool), "augment", "true or false", augment)
         self.clean_fraction_of_train = float(clean_fraction_of_train)
         self.batch_size = int(batch_size)
         self.augment = augment
@@ -554,19 +555,3 @@ def _sgd(lr: float, momentum: float, weight_decay: float) -> dict[str, Any]:
         "momentum": momentum,
         "weight_decay": weight_decay,
     }
-
-
-def _int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _num(value: object) -> float:
-    """``value`` as a float, NaN for anything that is not a number (so every check fails)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return math.nan
-    return float(value)
-
-
-def _check(ok: bool, key: str, what: str, value: object) -> None:
-    if not ok:
-        raise ConfigError(f"defense.{key}", f"must be {what}, got {value!r}")

@@ -100,6 +100,7 @@ from benchmark.data import to_float
 from benchmark.errors import ConfigError
 from benchmark.io import atomic_torch_save
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
+from defenses.checks import as_number, is_int, require
 
 log = logging.getLogger(__name__)
 
@@ -319,38 +320,43 @@ class UltraClean(Defense):
         self._check_settings()  # fail at instantiation already for what needs no data sizes
 
     def _check_settings(self) -> None:
-        _check(
-            0.0 <= _num(self.removal_ratio) < 1.0, "removal_ratio", "in [0, 1)", self.removal_ratio
+        require(
+            0.0 <= as_number(self.removal_ratio) < 1.0,
+            "removal_ratio",
+            "in [0, 1)",
+            self.removal_ratio,
         )
-        _check(
+        require(
             self.score_space in SCORE_SPACES,
             "score_space",
             f"one of {SCORE_SPACES}",
             self.score_space,
         )
-        _check(
-            self.known_target is None or (_int(self.known_target) and self.known_target >= 0),
+        require(
+            self.known_target is None or (is_int(self.known_target) and self.known_target >= 0),
             "known_target",
             "null or a class index >= 0",
             self.known_target,
         )
-        _check(
-            0.0 <= _num(self.known_target_removal) < 1.0,
+        require(
+            0.0 <= as_number(self.known_target_removal) < 1.0,
             "known_target_removal",
             "in [0, 1)",
             self.known_target_removal,
         )
         for key in ("median_window", "batch_size"):
             value = getattr(self, key)
-            _check(_int(value) and value >= 1, key, "an integer >= 1", value)
+            require(is_int(value) and value >= 1, key, "an integer >= 1", value)
         for key in ("nl_means_template", "nl_means_search"):
             value = getattr(self, key)
-            _check(_int(value) and value >= 1 and value % 2 == 1, key, "an odd integer >= 1", value)
+            require(
+                is_int(value) and value >= 1 and value % 2 == 1, key, "an odd integer >= 1", value
+            )
         for key in ("nl_means_h", "nl_means_h_color"):
             value = getattr(self, key)
-            _check(_num(value) > 0, key, "a number > 0", value)
-        _check(
-            self.workers is None or (_int(self.workers) and self.workers >= 1),
+            require(as_number(value) > 0, key, "a number > 0", value)
+        require(
+            self.workers is None or (is_int(self.workers) and self.workers >= 1),
             "workers",
             "null or an integer >= 1",
             self.workers,
@@ -360,7 +366,7 @@ class UltraClean(Defense):
         """Check every setting, and ``known_target`` against the number of classes."""
         self._check_settings()
         if self.known_target is not None:
-            _check(
+            require(
                 self.known_target < num_classes,
                 "known_target",
                 f"a class index in [0, {num_classes})",
@@ -490,19 +496,3 @@ def _stats(prefix: str, values: Tensor) -> dict[str, float | None]:
         f"{prefix}_median": float(v.median()),
         f"{prefix}_max": float(v.max()),
     }
-
-
-def _int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _num(value: object) -> float:
-    """``value`` as a float, NaN for anything that is not a number (so every check fails)."""
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return math.nan
-    return float(value)
-
-
-def _check(ok: bool, key: str, what: str, value: object) -> None:
-    if not ok:
-        raise ConfigError(f"defense.{key}", f"must be {what}, got {value!r}")
