@@ -202,7 +202,9 @@ def fit(
     start = _resume(checkpoint, model, optimizer, scheduler, result)
     data = place(data, device)
     n = len(data)
-    steps = math.ceil(n / batch_size)
+    # A trailing batch of one sample is dropped (a different sample each epoch, as the order is
+    # reshuffled): BatchNorm cannot train on one value per channel (1x1 maps of deep nets).
+    steps = n // batch_size if n > 1 and n % batch_size == 1 else math.ceil(n / batch_size)
     t0 = time.perf_counter()
     for epoch in range(start, epochs):
         seed_everything(seed, "epoch", epoch)  # dropout and other module-internal randomness

@@ -161,3 +161,23 @@ def test_batch_hook_and_custom_loss_are_used() -> None:
 
     fit(_model(), toy_set(32, 4), RECIPE, epochs=1, batch_size=16, progress=False, batch_hook=hook)
     assert len(seen) == 2 and max(seen) <= 1.0
+
+
+def test_a_trailing_batch_of_one_is_dropped() -> None:
+    """BatchNorm cannot train on one value per channel: with n = k * batch + 1 the last
+    single-sample batch is skipped (the 1x1 maps of VGG/ResNet would fail on it)."""
+    sizes = []
+
+    def hook(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+        sizes.append(len(x))
+        return x, y
+
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.AdaptiveAvgPool2d(1), nn.BatchNorm2d(4), nn.Flatten()
+    )
+    net = nn.Sequential(net, nn.Linear(4, 4))
+    fit(net, toy_set(17, 4), RECIPE, epochs=2, batch_size=8, progress=False, batch_hook=hook)
+    assert sizes == [8, 8, 8, 8]
+    sizes.clear()
+    fit(_model(), toy_set(18, 4), RECIPE, epochs=1, batch_size=8, progress=False, batch_hook=hook)
+    assert sizes == [8, 8, 2]
