@@ -41,6 +41,10 @@ def record_row(record: dict, source: Path) -> dict:
     }
     choices = record.get("choices") or {}
     row.update({k: choices.get(k) for k in CHOICES})
+    # Settings of the defense given on the command line (e.g. an ablation's
+    # defense.bound_floor=0.0): such runs are other cells, not more seeds of the default.
+    overrides = (record.get("provenance") or {}).get("overrides") or []
+    row["defense_args"] = ",".join(sorted(o for o in overrides if o.startswith("defense.")))
     attack = record.get("attack") or {}
     row.update({k: attack.get(k) for k in ("poison_rate", "target_class", "mode", "n_poison")})
     bd = record.get("backdoored") or {}
@@ -65,6 +69,7 @@ def load_records(paths: Iterable[str | Path]) -> pd.DataFrame:
         "error",
         "seed",
         *CHOICES,
+        "defense_args",
         "poison_rate",
         "target_class",
         "mode",
@@ -96,9 +101,13 @@ def _cell(group: pd.DataFrame) -> str:
 
 def pivot(frame: pd.DataFrame) -> pd.DataFrame:
     """(dataset, model, attack) rows x defense columns of "CA / ASR / DR" in percent, means
-    over seeds."""
+    over seeds. A defense run with command-line settings is its own column,
+    ``<defense> [<defense.key=value,...>]``."""
     if frame.empty:
         return pd.DataFrame()
+    frame = frame.copy()
+    args = frame["defense_args"].fillna("") if "defense_args" in frame else ""
+    frame["defense"] = frame["defense"].where(args == "", frame["defense"] + " [" + args + "]")
     keys = ["dataset", "model", "attack", "defense"]
     cells = {k: _cell(g) for k, g in frame.groupby(keys, dropna=False)}
     table = pd.Series(cells).unstack()

@@ -10,7 +10,13 @@ from benchmark.results import empty_record
 
 
 def _write(
-    folder: Path, attack: str, defense: str, seed: int, status: str = "complete", asr: float = 0.9
+    folder: Path,
+    attack: str,
+    defense: str,
+    seed: int,
+    status: str = "complete",
+    asr: float = 0.9,
+    overrides: tuple[str, ...] = (),
 ) -> None:
     record = empty_record(
         {
@@ -23,6 +29,7 @@ def _write(
         seed,
     )
     record["status"] = status
+    record["provenance"] = {"overrides": [f"attack={attack}", *overrides]}
     if status == "complete":
         record["backdoored"] = {"clean_acc": 0.97, "asr": 0.99, "ra": 0.01}
         record["defended"].update({"clean_acc": 0.95, "asr": asr, "ra": 0.1, "det_tpr": 0.8})
@@ -43,3 +50,14 @@ def test_tidy_table_and_pivot(tmp_path: Path) -> None:
     row = ("mnist5k", "small_cnn", "badnets")
     assert table.loc[row, "undefended"] == "95.0 / 80.0 / 80.0 (n=2)"
     assert table.loc[row, "other"] == "failed"
+
+
+def test_defense_settings_make_their_own_column(tmp_path: Path) -> None:
+    _write(tmp_path / "a", "badnets", "mmac", 0, asr=0.4)
+    _write(tmp_path / "b", "badnets", "mmac", 0, asr=0.2, overrides=("defense.bound_floor=0.0",))
+    frame = load_records([tmp_path])
+    assert sorted(frame["defense_args"]) == ["", "defense.bound_floor=0.0"]
+    table = pivot(frame)
+    assert list(table.columns) == ["mmac", "mmac [defense.bound_floor=0.0]"]
+    assert table.iloc[0]["mmac"] == "95.0 / 40.0 / 80.0"
+    assert table.iloc[0]["mmac [defense.bound_floor=0.0]"] == "95.0 / 20.0 / 80.0"
