@@ -41,7 +41,7 @@ bench: install ## Training-throughput benchmark -> results/bench/train_throughpu
 	$(PY) scripts/bench_train.py $(ARGS)
 
 tables: install ## Collect outputs/**/metrics.json -> results/tables/
-	$(PY) scripts/collect_results.py outputs --out results/tables/results.csv
+	$(PY) scripts/make_tables.py outputs
 
 clean: ## Remove caches and run outputs (keeps .venv and data/)
 	rm -rf outputs multirun wandb .cache .pytest_cache .ruff_cache

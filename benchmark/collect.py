@@ -99,15 +99,19 @@ def _cell(group: pd.DataFrame) -> str:
     return text
 
 
+def defense_columns(frame: pd.DataFrame) -> pd.Series:
+    """The defense name, with ``[<defense.key=value,...>]`` appended for runs with settings."""
+    args = frame["defense_args"].fillna("") if "defense_args" in frame else ""
+    return frame["defense"].where(args == "", frame["defense"] + " [" + args + "]")
+
+
 def pivot(frame: pd.DataFrame) -> pd.DataFrame:
     """(dataset, model, attack) rows x defense columns of "CA / ASR / DR" in percent, means
     over seeds. A defense run with command-line settings is its own column,
     ``<defense> [<defense.key=value,...>]``."""
     if frame.empty:
         return pd.DataFrame()
-    frame = frame.copy()
-    args = frame["defense_args"].fillna("") if "defense_args" in frame else ""
-    frame["defense"] = frame["defense"].where(args == "", frame["defense"] + " [" + args + "]")
+    frame = frame.assign(defense=defense_columns(frame))
     keys = ["dataset", "model", "attack", "defense"]
     cells = {k: _cell(g) for k, g in frame.groupby(keys, dropna=False)}
     table = pd.Series(cells).unstack()
