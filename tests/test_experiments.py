@@ -1,0 +1,257 @@
+"""Every experiment (conf/experiment/) is a whole table: its sweep expands to the intended cells,
+its pinned setting is the paper's, and one of its cells runs end to end at smoke size.
+
+Composition of every experiment's defaults is in test_configs.py.
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Any
+
+import pytest
+from omegaconf import OmegaConf
+
+from benchmark import pipeline
+from tests.conftest import compose_cfg
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
+ATTACKS = {p.stem for p in (CONF / "attack").glob("*.yaml")}
+DEFENSES = {p.stem for p in (CONF / "defense").glob("*.yaml")}
+DIGIT_DATA = ("mnist5k", "digits")  # no CIFAR-10 offline: runs swap in these
+
+
+def sweep_params(name: str) -> dict[str, list[str]]:
+    """``hydra.sweeper.params`` of an experiment, each value split into its sweep choices."""
+    raw = OmegaConf.load(CONF / "experiment" / f"{name}.yaml").hydra.sweeper.params
+    return {key: [v.strip() for v in str(value).split(",")] for key, value in raw.items()}
+
+
+def cells(name: str) -> list[list[str]]:
+    """The override lists of every job the basic sweeper launches for an experiment."""
+    params = sweep_params(name)
+    keys = list(params)
+    return [
+        [f"{k}={v}" for k, v in zip(keys, combo, strict=True)]
+        for combo in itertools.product(*(params[k] for k in keys))
+    ]
+
+
+def component(node: Any) -> str:
+    """The module of a component's ``_target_``: its config option (``NONE`` -> ``none``)."""
+    return str(node._target_).split(".")[-2]
+
+
+def test_every_experiment_is_a_multirun_with_its_command_in_the_header() -> None:
+    assert EXPERIMENTS
+    for name in EXPERIMENTS:
+        text = (CONF / "experiment" / f"{name}.yaml").read_text()
+        assert text.startswith("# @package _global_\n"), name
+        assert f"python -m benchmark.run experiment={name}" in text, name
+        assert OmegaConf.load(CONF / "experiment" / f"{name}.yaml").hydra.mode == "MULTIRUN"
+        assert cells(name), name
+
+
+@pytest.mark.parametrize("name", ["backdoorbench_cifar10", "smoke_all"])
+def test_full_grids_cross_every_attack_with_every_defense(name: str) -> None:
+    params = sweep_params(name)
+    assert set(params["attack"]) == ATTACKS and len(params["attack"]) == len(ATTACKS)
+    assert set(params["defense"]) == DEFENSES and len(params["defense"]) == len(DEFENSES)
+    assert params["seed"] == ["0"]
+    assert len(cells(name)) == len(ATTACKS) * len(DEFENSES)
+
+
+def test_cifar10_cpu_is_attacks_undefended_plus_defenses_on_badnets(tmp_path: Path) -> None:
+    attacks, defenses = cells("cifar10_cpu_attacks"), cells("cifar10_cpu_defenses")
+    assert {c[0] for c in attacks} == {f"attack={a}" for a in ATTACKS}
+    assert all("defense=undefended" in c for c in attacks)
+    assert {c[0] for c in defenses} == {f"defense={d}" for d in DEFENSES}
+    for name in ("cifar10_cpu_attacks", "cifar10_cpu_defenses"):
+        cfg = compose_cfg([f"experiment={name}"], tmp_path)
+        assert component(cfg.dataset) == "imagefolder" and OmegaConf.is_missing(cfg.dataset, "root")
+        assert component(cfg.model) == "preact_resnet18" and cfg.model.width == 16
+        assert cfg.dataset.max_train == 5000 and cfg.train.epochs == 20
+        assert component(cfg.attack) == "badnets"
+
+
+# name -> (model, dataset, the cell to compose, values that cell must have)
+PAPER_SETTINGS: dict[str, tuple[str, str, list[str], dict[str, Any]]] = {
+    "backdoorbench_cifar10": (
+        "preact_resnet18",
+        "cifar10",
+        ["attack=blend", "defense=ulrl"],
+        {
+            "model.width": 64,
+            "attack.poison_rate": 0.1,
+            "attack.target_class": 0,
+            "attack.mode": "all2one",
+            "train.epochs": 100,
+            "train.lr": 0.01,
+            "train.batch_size": 128,
+            "defense.relearn_lr": 0.005,  # ulrl_cifar10 tuning applies
+        },
+    ),
+    "ultraclean_cifar10": (
+        "vgg16_bn",
+        "cifar10",
+        ["attack=blend", "defense=ultraclean"],
+        {
+            "attack.poison_rate": 0.1,
+            "attack.target_class": 1,
+            "defense.removal_ratio": 0.3,
+            "defense.known_target": None,
+            "train.epochs": 200,
+            "train.lr": 0.1,
+            "train.scheduler": None,
+        },
+    ),
+    "ultraclean_cifar10_clean_label": (
+        "resnet18",
+        "cifar10",
+        ["defense.removal_ratio=0.15"],
+        {
+            "attack.poison_rate": 0.4,
+            "attack.rate_of": "target_class",
+            "attack.amplitude": 64 / 255,
+            "defense.removal_ratio": 0.15,
+        },
+    ),
+    "none_cifar10": (
+        "resnet18",
+        "cifar10",
+        ["defense=NONE"],
+        {
+            "attack.poison_rate": 0.05,
+            "attack.target_class": 0,
+            "attack.size": 3,
+            "defense.rounds": 1,
+            "defense.reset_fraction": 0.03,
+            "train.epochs": 200,
+            "train.lr": 0.1,
+            "train.optimizer.weight_decay": 1e-4,
+        },
+    ),
+    "none_natural_cifar10": (
+        "nin",
+        "cifar10",
+        ["defense=NONE"],
+        {
+            "attack.budgets": [0.02, 0.04, 0.06, 0.08, 0.1, 0.12],
+            "defense.rounds": 10,
+            "defense.finetune_epochs": 40,
+            "defense.reset_fraction": 0.2,
+            "train.optimizer.momentum": 0.95,
+        },
+    ),
+    "ulrl_cifar10": (
+        "preact_resnet18",
+        "cifar10",
+        ["attack=sig", "defense=ulrl"],
+        {
+            "defense.clean_fraction_of_train": 0.01,
+            "defense.relearn_lr": 0.005,
+            "defense.alpha": 0.7,
+            "train.epochs": 100,
+        },
+    ),
+    "mmac_cifar10": (
+        "resnet18",
+        "cifar10",
+        ["defense=mmac"],
+        {"attack.mode": "all2one", "attack.poison_rate": 0.1, "defense.per_class": 50},
+    ),
+    "mmac_cifar10_all2all": (
+        "resnet18",
+        "cifar10",
+        ["defense=mmac"],
+        {"attack.mode": "all2all", "attack.poison_rate": 0.1, "defense.per_class": 50},
+    ),
+    "linf_prune_cifar10": (
+        "preact_resnet18",
+        "cifar10",
+        ["defense.ranking=inverted_desc"],
+        {"attack.poison_rate": 0.1, "defense.ranking": "inverted_desc"},
+    ),
+}
+
+
+def test_every_paper_experiment_has_a_setting_check() -> None:
+    others = {"smoke_all", "cifar10_cpu_attacks", "cifar10_cpu_defenses", "badnets_seeds"}
+    assert set(EXPERIMENTS) - others == set(PAPER_SETTINGS)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_SETTINGS))
+def test_paper_experiments_pin_the_notes_setting(name: str, tmp_path: Path) -> None:
+    model, dataset, cell, expected = PAPER_SETTINGS[name]
+    assert any(set(cell) <= set(c) for c in cells(name)), f"{cell} is not a cell of {name}"
+    cfg = compose_cfg([f"experiment={name}", *cell], tmp_path)
+    assert component(cfg.model) == model and component(cfg.dataset) == dataset
+    for key, value in expected.items():
+        got = OmegaConf.select(cfg, key, throw_on_missing=True)
+        got = OmegaConf.to_container(got) if OmegaConf.is_config(got) else got
+        assert got == pytest.approx(value) if isinstance(value, float) else got == value, key
+
+
+def test_smoke_all_sizes_beat_debug_smoke_and_keep_the_defense_deltas(tmp_path: Path) -> None:
+    params = sweep_params("smoke_all")
+    assert params["debug"] == ["smoke"]
+    cell = ["attack=natural", "defense=NONE"]
+    rest = [f"{k}={v[0]}" for k, v in params.items() if k not in ("attack", "defense")]
+    cfg = compose_cfg(["experiment=smoke_all", *rest, *cell], tmp_path)
+    assert component(cfg.dataset) == "mnist5k" and component(cfg.model) == "small_cnn"
+    assert cfg.dataset.max_train == 2000 and cfg.dataset.max_test == 500
+    assert cfg.train.epochs == 5 and cfg.progress is False  # debug=smoke is applied
+    assert cfg.defense.rounds == 1 and cfg.defense.finetune_epochs == 1  # NONE_smoke
+    assert cfg.attack.steps == 100  # natural_mnist5k
+    mmac = compose_cfg(["experiment=smoke_all", *rest, "defense=mmac"], tmp_path)
+    assert mmac.defense.epochs == 4  # mmac_smoke
+
+
+# Per experiment: the cell to run, and overrides that keep its slow parts tiny in the test.
+RUN_CELLS: dict[str, list[str]] = {
+    "backdoorbench_cifar10": ["attack=badnets", "defense=ulrl"],
+    "smoke_all": ["attack=sig", "defense=linf_prune"],
+    "badnets_seeds": ["seed=1"],
+    "cifar10_cpu_attacks": ["attack=wanet", "defense=undefended"],
+    "cifar10_cpu_defenses": ["defense=mmbm"],
+    "ultraclean_cifar10": ["attack=blend", "defense=ultraclean"],
+    "ultraclean_cifar10_clean_label": [
+        "defense.removal_ratio=0.3",
+        "attack.steps=2",
+        "attack.adv_train.steps=1",
+    ],
+    "none_cifar10": ["defense=NONE"],
+    "none_natural_cifar10": ["defense=undefended", "attack.steps=3", "attack.budgets=[0.06]"],
+    "ulrl_cifar10": ["attack=blend", "defense=ulrl"],
+    "mmac_cifar10": ["defense=mmbm"],
+    "mmac_cifar10_all2all": ["defense=undefended"],
+    "linf_prune_cifar10": ["defense.ranking=clean_asc"],
+}
+
+
+def test_every_experiment_has_a_run_cell() -> None:
+    assert set(RUN_CELLS) == set(EXPERIMENTS)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", EXPERIMENTS)
+def test_one_cell_of_each_experiment_runs_at_smoke_size(
+    make_cfg, name: str, tmp_path: Path
+) -> None:
+    cell = RUN_CELLS[name]
+    swept = [o for o in cell if o.split("=")[0] in sweep_params(name)]
+    assert any(set(swept) <= set(c) for c in cells(name)), f"{cell} is not a cell of {name}"
+    pinned = compose_cfg([f"experiment={name}", *cell], tmp_path)
+    # No CIFAR-10 (or image folder) offline: the same cell on mnist5k, model and method kept.
+    data = [] if component(pinned.dataset) in DIGIT_DATA else ["dataset=mnist5k"]
+    cfg = make_cfg(f"experiment={name}", *cell, *data)
+    assert component(cfg.model) == component(pinned.model)
+    assert component(cfg.attack) == component(pinned.attack)
+    assert component(cfg.defense) == component(pinned.defense)
+    assert cfg.train.epochs == 1 and cfg.dataset.max_train == 600  # debug=smoke applies
+    record = pipeline.run(cfg, run_dir=tmp_path / "run")
+    assert record["status"] == "complete" and record["error"] is None
+    for stage in ("backdoored", "defended"):
+        assert 0.0 <= record[stage]["clean_acc"] <= 1.0
