@@ -255,3 +255,22 @@ def test_one_cell_of_each_experiment_runs_at_smoke_size(
     assert record["status"] == "complete" and record["error"] is None
     for stage in ("backdoored", "defended"):
         assert 0.0 <= record[stage]["clean_acc"] <= 1.0
+
+
+@pytest.mark.slow
+@pytest.mark.sweep
+def test_smoke_all_runs_every_cell_and_writes_the_tables(tmp_path: Path) -> None:
+    """The whole smoke grid from the command line, as CI runs it (about 3 min on 2 cores)."""
+    from tests.benchmark.test_run import cli, records
+
+    proc = cli(["experiment=smoke_all", "logger=none"], tmp_path, timeout=1500)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    runs = records(tmp_path)
+    cells = {(r["choices"]["attack"], r["choices"]["defense"]) for r in runs}
+    attacks = {p.stem for p in (CONF / "attack").glob("*.yaml")}
+    defenses = {p.stem for p in (CONF / "defense").glob("*.yaml")}
+    assert cells == {(a, d) for a in attacks for d in defenses}
+    assert len(runs) == len(cells) and all(r["status"] == "complete" for r in runs)
+    (tables,) = (tmp_path / "outputs").rglob("tables")
+    for name in ("asr.md", "ca.md", "detection.md", "heatmap_asr.png"):
+        assert (tables / name).stat().st_size > 0
