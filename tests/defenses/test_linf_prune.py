@@ -40,17 +40,7 @@ from defenses.linf_prune import (
     site_scores,
 )
 from tests.conftest import toy_set
-
-RECIPE = {
-    "epochs": 2,
-    "batch_size": 32,
-    "lr": 0.1,
-    "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": "${..lr}"},
-    "scheduler": None,
-    "augment": False,
-    "amp": False,
-    "channels_last": False,
-}
+from tests.defenses.toys import KW, RECIPE
 
 
 def small_cnn(seed: int = 0, size: int = 12) -> SmallCNN:
@@ -106,13 +96,6 @@ def test_site_scores_average_the_per_image_max() -> None:
 
 
 # -- where the mask sits --------------------------------------------------------------------------
-KW = {
-    "num_classes": 10,
-    "in_chans": 3,
-    "image_size": (32, 32),
-    "mean": [0.5] * 3,
-    "std": [0.25] * 3,
-}
 
 
 @pytest.mark.parametrize(

@@ -16,14 +16,7 @@ from benchmark.models.vgg16_bn import VGG16BN
 from defenses.clipping import ClippedModel, ClipPoint, clip_points
 from defenses.mmbm import MMBM, l2_penalty, select_points, stage_end_points
 from tests.defenses.test_mmac import Toy, toy_context
-
-KW = {
-    "num_classes": 10,
-    "in_chans": 3,
-    "image_size": (32, 32),
-    "mean": [0.5] * 3,
-    "std": [0.25] * 3,
-}
+from tests.defenses.toys import KW
 
 
 def ends(model: torch.nn.Module) -> list[str]:

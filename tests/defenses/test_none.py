@@ -41,17 +41,7 @@ from defenses.none import (
     top_channels,
 )
 from tests.conftest import toy_set
-
-RECIPE = {
-    "epochs": 2,
-    "batch_size": 32,
-    "lr": 0.1,
-    "optimizer": {"_target_": "torch.optim.SGD", "_partial_": True, "lr": "${..lr}"},
-    "scheduler": None,
-    "augment": False,
-    "amp": False,
-    "channels_last": False,
-}
+from tests.defenses.toys import KW, RECIPE
 
 
 def small_cnn(seed: int = 0, size: int = 12, num_classes: int = 4) -> SmallCNN:
@@ -391,15 +381,6 @@ def test_residual_additions_end_the_trace() -> None:
     assert [c.name for c in sites["conv1"].consumers] == ["conv2"]  # not conv3 via the add
     assert sites["conv2"].consumers == ()
     assert [c.name for c in sites["conv3"].consumers] == ["fc"]
-
-
-KW = {
-    "num_classes": 10,
-    "in_chans": 3,
-    "image_size": (32, 32),
-    "mean": [0.5] * 3,
-    "std": [0.25] * 3,
-}
 
 
 def _resnet_names(shortcut: str, shortcut_first: bool) -> list[str]:
