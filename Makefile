@@ -37,8 +37,9 @@ format: install ## Format and autofix with ruff
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: install ## Training-throughput benchmark -> results/bench/train_throughput.json
+bench: install ## Benchmarks -> results/bench/{train_throughput,sweep}.json (fit() speed; smoke_all wall time, cache hits)
 	$(PY) scripts/bench_train.py $(ARGS)
+	$(PY) scripts/bench_sweep.py
 
 tables: install ## Collect outputs/**/metrics.json -> results/tables/
 	$(PY) scripts/make_tables.py outputs

@@ -61,6 +61,23 @@ def cache_key(
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
+# Top-level keys that never change a cell's numbers: where files go, tracking, progress bars,
+# and the sweep's own switches.
+RUN_EXCLUDE_KEYS = frozenset({"paths", "logger", "progress", "resume", "fail_fast"})
+
+
+def config_digest(cfg: DictConfig) -> str:
+    """A hash of a cell's resolved config (minus :data:`RUN_EXCLUDE_KEYS`): a rerun of the same
+    cell has the same digest, so a complete ``metrics.json`` with it can be skipped."""
+    payload = {
+        k: _strip(OmegaConf.to_container(v, resolve=True)) if OmegaConf.is_config(v) else v
+        for k, v in ((k, cfg[k]) for k in sorted(cfg) if k not in RUN_EXCLUDE_KEYS)
+    }
+    payload["version"] = CACHE_VERSION
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:20]
+
+
 class ModelCache:
     """The folder of cached backdoored models.
 

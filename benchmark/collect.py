@@ -31,6 +31,18 @@ def find_records(paths: Iterable[str | Path]) -> list[Path]:
     return sorted(found)
 
 
+# Overrides that are not other settings of a cell: where files are, tracking, the sweep's
+# switches. Group choices (``attack=...``) and ``defense.*`` have their own columns.
+NOT_SETTINGS = ("seed", "dataset.root", "attack.key_path", "device", "progress", "resume",
+                "fail_fast", "debug", "experiment")  # fmt: skip
+NOT_SETTING_PREFIXES = ("defense.", "paths.", "hydra.", "logger.", "logger")
+
+
+def _is_setting(override: str) -> bool:
+    key = override.split("=", 1)[0].lstrip("+~")
+    return "." in key and key not in NOT_SETTINGS and not key.startswith(NOT_SETTING_PREFIXES)
+
+
 def record_row(record: dict, source: Path) -> dict:
     """One tidy row: choices, seed, attack scalars, backdoored (``bd_*``) and defended metrics."""
     row: dict = {
@@ -45,6 +57,7 @@ def record_row(record: dict, source: Path) -> dict:
     # defense.bound_floor=0.0): such runs are other cells, not more seeds of the default.
     overrides = (record.get("provenance") or {}).get("overrides") or []
     row["defense_args"] = ",".join(sorted(o for o in overrides if o.startswith("defense.")))
+    row["run_args"] = ",".join(sorted(o for o in overrides if _is_setting(o)))
     attack = record.get("attack") or {}
     row.update({k: attack.get(k) for k in ("poison_rate", "target_class", "mode", "n_poison")})
     bd = record.get("backdoored") or {}
@@ -70,6 +83,7 @@ def load_records(paths: Iterable[str | Path]) -> pd.DataFrame:
         "seed",
         *CHOICES,
         "defense_args",
+        "run_args",
         "poison_rate",
         "target_class",
         "mode",
@@ -105,13 +119,26 @@ def defense_columns(frame: pd.DataFrame) -> pd.Series:
     return frame["defense"].where(args == "", frame["defense"] + " [" + args + "]")
 
 
+def attack_rows(frame: pd.DataFrame) -> pd.Series:
+    """The attack name, with ``[<key=value,...>]`` appended for runs whose other command-line
+    settings (``train.epochs=5``, ``attack.poison_rate=0.05``) differ from the rest of the
+    table, so different settings are different rows, never averaged as if they were seeds.
+    Settings every run shares are left out of the label."""
+    if "run_args" not in frame:
+        return frame["attack"]
+    sets = frame["run_args"].fillna("").map(lambda a: frozenset(filter(None, a.split(","))))
+    common = frozenset.intersection(*sets) if len(sets) else frozenset()
+    extra = sets.map(lambda s: ",".join(sorted(s - common)))
+    return frame["attack"].where(extra == "", frame["attack"] + " [" + extra + "]")
+
+
 def pivot(frame: pd.DataFrame) -> pd.DataFrame:
     """(dataset, model, attack) rows x defense columns of "CA / ASR / DR" in percent, means
     over seeds. A defense run with command-line settings is its own column,
     ``<defense> [<defense.key=value,...>]``."""
     if frame.empty:
         return pd.DataFrame()
-    frame = frame.assign(defense=defense_columns(frame))
+    frame = frame.assign(defense=defense_columns(frame), attack=attack_rows(frame))
     keys = ["dataset", "model", "attack", "defense"]
     cells = {k: _cell(g) for k, g in frame.groupby(keys, dropna=False)}
     table = pd.Series(cells).unstack()

@@ -17,3 +17,7 @@ class ConfigError(BenchmarkError, ValueError):
 
 class DatasetUnavailable(BenchmarkError, FileNotFoundError):
     """A dataset is missing on disk and cannot be obtained (e.g. no network)."""
+
+
+class TrainingDiverged(BenchmarkError, FloatingPointError):
+    """The training loss became NaN or infinite: the cell stops instead of training on."""

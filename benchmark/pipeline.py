@@ -14,9 +14,11 @@ from __future__ import annotations
 import contextlib
 import functools
 import hashlib
+import itertools
 import json
 import logging
 import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -35,7 +37,7 @@ from attacks.base import Attack, AttackContext
 from attacks.inversion import InvertedTriggers
 from attacks.pgd import adversarial_training_hook
 from benchmark import metrics
-from benchmark.cache import ModelCache, cache_key
+from benchmark.cache import ModelCache, cache_key, config_digest
 from benchmark.collect import record_row
 from benchmark.data import stratified_split
 from benchmark.datasets.base import Dataset
@@ -64,6 +66,9 @@ from benchmark.types import ImageSet, PoisonedSet
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
 
 log = logging.getLogger(__name__)
+
+# The defense's per-epoch training checkpoints, inside the run folder.
+DEFENSE_CHECKPOINTS = "defense/checkpoints"
 
 
 @dataclass
@@ -327,7 +332,10 @@ def backdoored_model(
     model = new_model(cfg, comp.dataset, "backdoored")
     poison_index = torch.nonzero(data.train.is_poison.cpu()).flatten()
     record["cache"] = {"key": key, "enabled": bool(cfg.cache.enabled), "hit": False}
+    t_wait = time.perf_counter()
+    # A concurrent job training the same model holds the lock: wait for it, then load.
     with cache.lock(key) if cache.enabled else contextlib.nullcontext():
+        record["cache"]["wait_s"] = round(time.perf_counter() - t_wait, 3)
         payload = cache.load(key)
         if payload is not None and not torch.equal(payload["poison_index"], poison_index):
             log.warning("cache entry %s was made with other poison indices; retraining", key)
@@ -382,13 +390,17 @@ def defend(
         clean_set=data.reserve,
         model=None if defense.stage == Stage.PRE_TRAINING else model,
         num_classes=comp.dataset.num_classes,
-        fit=functools.partial(
-            fit,
-            recipe=cfg.train,
-            device=comp.device,
-            seed=derive_seed(seed, "fit"),
-            augment=augmentation(comp.dataset),
-            progress=cfg.progress,
+        fit=checkpointed_fit(
+            functools.partial(
+                fit,
+                recipe=cfg.train,
+                device=comp.device,
+                seed=derive_seed(seed, "fit"),
+                augment=augmentation(comp.dataset),
+                progress=cfg.progress,
+            ),
+            run_dir / DEFENSE_CHECKPOINTS,
+            config_digest(cfg),
         ),
         new_model=functools.partial(new_model, cfg, comp.dataset, "defense"),
         seed=seed,
@@ -399,6 +411,24 @@ def defend(
     result = defense.run(ctx)
     _check_result(result, len(data.train))
     return result
+
+
+def checkpointed_fit(fit_fn: Callable[..., Any], folder: Path, digest: str) -> Callable[..., Any]:
+    """``fit_fn`` with a per-epoch checkpoint for each call, so a killed cell resumes the
+    defense's trainings (UltraClean's retraining, NONE's rounds) where they stopped.
+
+    The n-th call of the cell gets ``<folder>/fit<n>-<config digest>.pt``: defenses are
+    seeded, so the n-th training of a rerun is the same training, and another config never
+    picks up these files. A complete cell removes the folder.
+    """
+    calls = itertools.count()
+
+    def wrapped(*args: Any, **kwargs: Any) -> Any:
+        n = next(calls)
+        kwargs.setdefault("checkpoint", folder / f"fit{n}-{digest}.pt")
+        return fit_fn(*args, **kwargs)
+
+    return wrapped
 
 
 def _check_result(result: DefenseResult, n_train: int) -> None:
@@ -485,6 +515,7 @@ def run(
     record["memory"] = memory_usage(comp.device)
     record["status"], record["error"] = "complete", None
     write_record(run_dir, record)
+    shutil.rmtree(run_dir / DEFENSE_CHECKPOINTS, ignore_errors=True)  # only needed to resume
     log.info("results\n%s", format_table(record))
     tracker.log_metrics(
         {

@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmark.collect import defense_columns, load_records
+from benchmark.collect import attack_rows, defense_columns, load_records
 from benchmark.io import atomic_write_bytes, atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -74,7 +74,7 @@ def metric_pivot(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     """(dataset, model, attack) rows x defense columns of ``column`` as "mean ± std" (%)."""
     if frame.empty:
         return pd.DataFrame()
-    frame = frame.assign(defense=defense_columns(frame))
+    frame = frame.assign(defense=defense_columns(frame), attack=attack_rows(frame))
     cells = {k: _cell(g, column) for k, g in frame.groupby([*ROW_KEYS, "defense"], dropna=False)}
     table = pd.Series(cells, dtype=object).unstack().fillna("-")
     table = table[_ordered_columns(table.columns)]
@@ -84,6 +84,7 @@ def metric_pivot(frame: pd.DataFrame, column: str) -> pd.DataFrame:
 
 def metric_means(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     """Like :func:`metric_pivot` but numeric: means over complete runs in percent, NaN else."""
+    frame = frame.assign(attack=attack_rows(frame))
     done = frame[frame["status"] == "complete"]
     if done.empty:
         return pd.DataFrame()

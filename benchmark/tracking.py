@@ -22,8 +22,15 @@ log = logging.getLogger(__name__)
 class Tracker:
     """No-op tracker (``logger=none``) and the interface of the others."""
 
-    def start(self, config: dict[str, Any], run_dir: Path, name: str) -> None:
-        """Open a run with the resolved config."""
+    def start(
+        self,
+        config: dict[str, Any],
+        run_dir: Path,
+        name: str,
+        group: str | None = None,
+        job_type: str | None = None,
+    ) -> None:
+        """Open a run with the resolved config; ``group`` applies unless the tracker has one."""
 
     def log_metrics(self, metrics: dict[str, Any]) -> None:
         """Log scalars (flat ``stage/metric`` keys) and store them in the run summary."""
@@ -45,7 +52,8 @@ class WandbTracker(Tracker):
         project: W&B project.
         entity: W&B entity (team or user); None = the default of the login, if any.
         mode: ``offline`` (default), ``online`` or ``disabled``; ``WANDB_MODE`` wins.
-        group: run group (a sweep's runs share one); None = the experiment name, if any.
+        group: run group; None = the experiment's name, else the sweep folder's (a sweep's runs
+            and its tables share one group).
         tags: run tags.
         dir: where the ``wandb/`` folder goes; None = the run directory.
     """
@@ -65,7 +73,14 @@ class WandbTracker(Tracker):
         self.dir = dir
         self.run: Any = None
 
-    def start(self, config: dict[str, Any], run_dir: Path, name: str) -> None:
+    def start(
+        self,
+        config: dict[str, Any],
+        run_dir: Path,
+        name: str,
+        group: str | None = None,
+        job_type: str | None = None,
+    ) -> None:
         import wandb
 
         folder = Path(self.dir) if self.dir else run_dir
@@ -75,7 +90,8 @@ class WandbTracker(Tracker):
             project=self.project,
             entity=self.entity,
             mode=self.mode,
-            group=self.group,
+            group=self.group or group,
+            job_type=job_type,
             tags=self.tags,
             name=name,
             config=config,

@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from benchmark.data import to_float
+from benchmark.errors import TrainingDiverged
 from benchmark.io import atomic_torch_save
 from benchmark.seeding import generator, seed_everything
 from benchmark.types import ImageSet
@@ -37,6 +38,8 @@ log = logging.getLogger(__name__)
 
 BatchHook = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+# Steps between checks that the running loss is finite (each check is one device sync).
+CHECK_EVERY = 20
 
 
 @dataclass(frozen=True)
@@ -244,6 +247,10 @@ def fit(
             loss_sum += loss.detach() * y.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.shape[0]
+            # A NaN/inf loss poisons every later step: stop within CHECK_EVERY steps, not at
+            # the epoch's end (one sync per CHECK_EVERY steps; the sum carries any bad step).
+            if step % CHECK_EVERY == CHECK_EVERY - 1 or step == steps - 1:
+                _check_finite(loss_sum, desc, epoch, step)
             if progress and (step % 20 == 19 or step == steps - 1):
                 bar.set_postfix(
                     loss=f"{loss_sum.item() / seen:.4f}",
@@ -257,11 +264,6 @@ def fit(
             "acc": correct.item() / max(seen, 1),
             "lr": optimizer.param_groups[0]["lr"],
         }
-        if not math.isfinite(stats["loss"]):
-            raise FloatingPointError(
-                f"{desc}: the training loss became {stats['loss']} in epoch "
-                f"{epoch + 1}; lower train.lr or check the data"
-            )
         if scheduler is not None:
             scheduler.step()
         result.history.append(stats)
@@ -293,6 +295,15 @@ def fit(
         model.to(memory_format=torch.contiguous_format)
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _check_finite(loss_sum: Tensor, desc: str, epoch: int, step: int) -> None:
+    value = loss_sum.item()
+    if not math.isfinite(value):
+        raise TrainingDiverged(
+            f"{desc}: the training loss became {value} in epoch {epoch + 1} (by step "
+            f"{step + 1}); lower train.lr, set train.grad_clip, or check the data"
+        )
 
 
 def _resume(

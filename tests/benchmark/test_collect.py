@@ -61,3 +61,30 @@ def test_defense_settings_make_their_own_column(tmp_path: Path) -> None:
     assert list(table.columns) == ["mmac", "mmac [defense.bound_floor=0.0]"]
     assert table.iloc[0]["mmac"] == "95.0 / 40.0 / 80.0"
     assert table.iloc[0]["mmac [defense.bound_floor=0.0]"] == "95.0 / 20.0 / 80.0"
+
+
+def test_other_settings_make_their_own_row_and_shared_ones_are_not_shown(tmp_path: Path) -> None:
+    shared = ("dataset.max_train=2000", "dataset.root=/data", "seed=0", "logger=none")
+    _write(tmp_path / "a", "badnets", "undefended", 0, asr=0.9, overrides=shared)
+    _write(tmp_path / "b", "badnets", "undefended", 1, asr=0.7, overrides=shared)
+    _write(
+        tmp_path / "c",
+        "badnets",
+        "undefended",
+        0,
+        asr=0.3,
+        overrides=(*shared, "attack.poison_rate=0.01", "defense.x=1"),
+    )
+    frame = load_records([tmp_path])
+    assert sorted(frame["run_args"]) == [
+        "attack.poison_rate=0.01,dataset.max_train=2000",
+        "dataset.max_train=2000",
+        "dataset.max_train=2000",
+    ]
+    table = pivot(frame)
+    rows = [r[2] for r in table.index]
+    assert rows == ["badnets", "badnets [attack.poison_rate=0.01]"]
+    # The two seeds of the default setting are averaged; the 1% run is not mixed in.
+    assert table.loc[("mnist5k", "small_cnn", "badnets"), "undefended"] == (
+        "95.0 / 80.0 / 80.0 (n=2)"
+    )

@@ -9,9 +9,10 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from benchmark.errors import BenchmarkError, TrainingDiverged
 from benchmark.models.small_cnn import SmallCNN
 from benchmark.seeding import generator
-from benchmark.train import Augment, fit, predict, random_crop
+from benchmark.train import CHECK_EVERY, Augment, fit, predict, random_crop
 from tests.conftest import toy_set
 
 RECIPE = OmegaConf.create(
@@ -141,7 +142,7 @@ def test_early_stop_and_overrides() -> None:
 
 
 def test_non_finite_loss_stops_with_a_clear_error() -> None:
-    with pytest.raises(FloatingPointError, match="loss became"):
+    with pytest.raises(TrainingDiverged, match="loss became nan in epoch 1"):
         fit(
             _model(),
             toy_set(32, 4),
@@ -150,6 +151,31 @@ def test_non_finite_loss_stops_with_a_clear_error() -> None:
             progress=False,
             loss_fn=lambda logits, y: logits.sum() * float("nan"),
         )
+
+
+def test_divergence_stops_within_check_every_steps_not_at_the_epoch_end() -> None:
+    calls = 0
+
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        nonlocal calls
+        calls += 1
+        loss = torch.nn.functional.cross_entropy(logits, y)
+        return loss * float("inf") if calls == 3 else loss
+
+    with pytest.raises(
+        TrainingDiverged, match=r"loss became (inf|nan) in epoch 1 \(by step 20\)"
+    ) as err:
+        fit(
+            _model(),
+            toy_set(400, 4),
+            RECIPE,
+            epochs=3,
+            batch_size=2,
+            progress=False,
+            loss_fn=loss_fn,
+        )
+    assert isinstance(err.value, BenchmarkError)  # one clear line, no traceback, in the CLI
+    assert calls == CHECK_EVERY  # 200 steps per epoch, but it stopped at the first check
 
 
 def test_batch_hook_and_custom_loss_are_used() -> None:

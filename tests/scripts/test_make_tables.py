@@ -1,13 +1,11 @@
-"""scripts/make_tables.py and the sweep callback write the tables of a run folder."""
+"""scripts/make_tables.py writes the tables of a run folder (the sweep callback that calls
+it: tests/benchmark/test_callbacks.py)."""
 
 from __future__ import annotations
 
 import importlib.util
 from pathlib import Path
 
-from omegaconf import OmegaConf
-
-from benchmark.callbacks import TablesCallback
 from tests.benchmark.test_tables import write_run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,31 +31,3 @@ def test_script_writes_tables(tmp_path: Path) -> None:
 
 def test_script_fails_without_runs(tmp_path: Path) -> None:
     assert _script_main()([str(tmp_path), "--out-dir", str(tmp_path / "out")]) == 1
-
-
-def test_callback_writes_sweep_tables(tmp_path: Path) -> None:
-    sweep = tmp_path / "sweep"
-    write_run(sweep / "0_attack=badnets", "badnets", "undefended", 0)
-    write_run(sweep / "1_attack=blend", "blend", "undefended", 0, status="failed")
-    config = OmegaConf.create({"hydra": {"sweep": {"dir": str(sweep)}}})
-    TablesCallback().on_multirun_end(config=config)
-    tables = sweep / "tables"
-    assert {"tidy.csv", "ca.tex", "asr.md", "heatmap_ca.png", "reference_comparison.csv"} <= {
-        p.name for p in tables.iterdir()
-    }
-    assert "failed" in (tables / "asr.csv").read_text()
-    # Running again must not count the tables folder as runs.
-    TablesCallback().on_multirun_end(config=config)
-    assert "failed" in (tables / "asr.csv").read_text()
-
-
-def test_callback_never_raises(tmp_path: Path, caplog) -> None:
-    empty = tmp_path / "empty"
-    empty.mkdir()
-    TablesCallback().on_multirun_end(
-        config=OmegaConf.create({"hydra": {"sweep": {"dir": str(empty)}}})
-    )
-    assert not (empty / "tables").exists()
-    # A config without a sweep dir is an error inside the callback; it is logged, not raised.
-    TablesCallback().on_multirun_end(config=OmegaConf.create({"hydra": {}}))
-    assert "making the sweep's tables failed" in caplog.text
