@@ -61,9 +61,9 @@ def cache_key(
     return hashlib.sha256(text.encode()).hexdigest()[:20]
 
 
-# Top-level keys that never change a cell's numbers: where files go, tracking, progress bars,
-# and the sweep's own switches.
-RUN_EXCLUDE_KEYS = frozenset({"paths", "logger", "progress", "resume", "fail_fast"})
+# Top-level keys that do not make a cell another cell: where files go, tracking, progress
+# bars, the sweep's own switches, and the device (a sweep hands out GPUs per job).
+RUN_EXCLUDE_KEYS = frozenset({"paths", "logger", "progress", "resume", "fail_fast", "device"})
 
 
 def config_digest(cfg: DictConfig) -> str:

@@ -15,22 +15,26 @@ writes ``status: failed`` with its error and the sweep goes on (``fail_fast=true
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import hydra
+import torch
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from benchmark import pipeline
 from benchmark.cache import config_digest
 from benchmark.callbacks import register_resolvers
+from benchmark.devices import claim_gpu
 from benchmark.errors import BenchmarkError
 from benchmark.results import empty_record, write_record
 from benchmark.tracking import Tracker
@@ -112,6 +116,22 @@ def sweep_group(cfg: DictConfig, hc: Any) -> str | None:
     return None
 
 
+@contextlib.contextmanager
+def gpu_for_job(cfg: DictConfig, hc: Any, sweeping: bool) -> Iterator[None]:
+    """In a local parallel sweep on several GPUs, give this job a GPU of its own
+    (``device=auto`` only; an explicit ``device=cuda:1`` is kept)."""
+    count = torch.cuda.device_count() if str(cfg.device) == "auto" else 0
+    if not sweeping or count < 2:
+        yield
+        return
+    lock_dir = Path(str(cfg.paths.cache_dir)) / "gpu-locks"
+    with claim_gpu(lock_dir, count, int(hc.job.num)) as index:
+        with open_dict(cfg):
+            cfg.device = f"cuda:{index}"
+        log.info("this job runs on cuda:%d of %d GPUs", index, count)
+        yield
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
@@ -124,7 +144,8 @@ def main(cfg: DictConfig) -> float | None:
             log.info("%s is already complete; skipping it (resume=false runs it again)", run_dir)
             return done["defended"]["asr"]
     try:
-        record = run_task(cfg, run_dir, choices, list(hc.overrides.task), sweep_group(cfg, hc))
+        with gpu_for_job(cfg, hc, sweeping):
+            record = run_task(cfg, run_dir, choices, list(hc.overrides.task), sweep_group(cfg, hc))
     except BenchmarkError as err:
         # Expected, user-facing errors: one clear line, no traceback.
         log.error("%s", err)

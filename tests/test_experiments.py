@@ -131,6 +131,9 @@ PAPER_SETTINGS: dict[str, tuple[str, str, list[str], dict[str, Any]]] = {
             "train.epochs": 200,
             "train.lr": 0.1,
             "train.optimizer.weight_decay": 1e-4,
+            "train.scheduler._target_": "torch.optim.lr_scheduler.MultiStepLR",
+            "train.scheduler.milestones": [80, 160],
+            "train.scheduler.gamma": 0.1,
         },
     ),
     "none_natural_cifar10": (
@@ -143,6 +146,9 @@ PAPER_SETTINGS: dict[str, tuple[str, str, list[str], dict[str, Any]]] = {
             "defense.finetune_epochs": 40,
             "defense.reset_fraction": 0.2,
             "train.optimizer.momentum": 0.95,
+            "train.optimizer.weight_decay": 1e-4,
+            "train.epochs": 200,
+            "train.scheduler.milestones": [80, 160],
         },
     ),
     "ulrl_cifar10": (
@@ -166,7 +172,16 @@ PAPER_SETTINGS: dict[str, tuple[str, str, list[str], dict[str, Any]]] = {
         "resnet18",
         "cifar10",
         ["defense=mmac"],
-        {"attack.mode": "all2all", "attack.poison_rate": 0.1, "defense.per_class": 50},
+        {
+            "attack.mode": "all2all",
+            "attack.poison_rate": 0.1,
+            "defense.per_class": 50,
+            "train.optimizer._target_": "torch.optim.Adam",
+            "train.lr": 1e-3,
+            "train.batch_size": 32,
+            "train.epochs": 50,
+            "train.scheduler": None,
+        },
     ),
     "linf_prune_cifar10": (
         "preact_resnet18",
@@ -274,3 +289,17 @@ def test_smoke_all_runs_every_cell_and_writes_the_tables(tmp_path: Path) -> None
     (tables,) = (tmp_path / "outputs").rglob("tables")
     for name in ("asr.md", "ca.md", "detection.md", "heatmap_asr.png"):
         assert (tables / name).stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in EXPERIMENTS if len(sweep_params(n).get("attack", [])) > 1]
+)
+def test_parallel_launchers_start_with_one_cell_per_attack(name: str) -> None:
+    """The first jobs of a sweep are the baseline of every attack: run in parallel, they train
+    the different backdoored models at once, not wait on one model's lock."""
+    params = sweep_params(name)
+    first = cells(name)[: len(params["attack"])]
+    assert {o for c in first for o in c if o.startswith("attack=")} == {
+        f"attack={a}" for a in params["attack"]
+    }
+    assert all("defense=undefended" in c for c in first)
