@@ -64,16 +64,29 @@ def test_full_grids_cross_every_attack_with_every_defense(name: str) -> None:
 
 
 def test_cifar10_cpu_is_attacks_undefended_plus_defenses_on_badnets(tmp_path: Path) -> None:
-    attacks, defenses = cells("cifar10_cpu_attacks"), cells("cifar10_cpu_defenses")
-    assert {c[0] for c in attacks} == {f"attack={a}" for a in ATTACKS}
-    assert all("defense=undefended" in c for c in attacks)
-    assert {c[0] for c in defenses} == {f"defense={d}" for d in DEFENSES}
-    for name in ("cifar10_cpu_attacks", "cifar10_cpu_defenses"):
-        cfg = compose_cfg([f"experiment={name}"], tmp_path)
+    pairs = set()
+    for cell, seed in cells("cifar10_cpu"):
+        assert seed == "seed=0"
+        cfg = compose_cfg(["experiment=cifar10_cpu", cell], tmp_path)
         assert component(cfg.dataset) == "imagefolder" and OmegaConf.is_missing(cfg.dataset, "root")
         assert component(cfg.model) == "preact_resnet18" and cfg.model.width == 16
         assert cfg.dataset.max_train == 5000 and cfg.train.epochs == 20
-        assert component(cfg.attack) == "badnets"
+        attack, defense = cell.removeprefix("cell=").split("__")
+        # The name says the pair (module names: NONE is defenses/none.py).
+        assert (component(cfg.attack), component(cfg.defense)) == (attack, defense.lower())
+        pairs.add((attack, defense))
+    expected = {(a, "undefended") for a in ATTACKS} | {("badnets", d) for d in DEFENSES}
+    assert pairs == expected and len(cells("cifar10_cpu")) == len(expected)
+    # The undefended cells first: a parallel launcher trains the six models at once.
+    assert all("__undefended" in c[0] for c in cells("cifar10_cpu")[: len(ATTACKS)])
+
+
+def test_every_cell_file_names_its_attack_and_defense(tmp_path: Path) -> None:
+    for path in sorted((CONF / "cell").glob("*.yaml")):
+        attack, defense = path.stem.split("__")
+        cfg = compose_cfg([f"cell={path.stem}"], tmp_path)
+        assert component(cfg.attack) == attack, path
+        assert component(cfg.defense) == defense.lower(), path
 
 
 # name -> (model, dataset, the cell to compose, values that cell must have)
@@ -193,7 +206,7 @@ PAPER_SETTINGS: dict[str, tuple[str, str, list[str], dict[str, Any]]] = {
 
 
 def test_every_paper_experiment_has_a_setting_check() -> None:
-    others = {"smoke_all", "cifar10_cpu_attacks", "cifar10_cpu_defenses", "badnets_seeds"}
+    others = {"smoke_all", "cifar10_cpu", "badnets_seeds"}
     assert set(EXPERIMENTS) - others == set(PAPER_SETTINGS)
 
 
@@ -229,8 +242,7 @@ RUN_CELLS: dict[str, list[str]] = {
     "backdoorbench_cifar10": ["attack=badnets", "defense=ulrl"],
     "smoke_all": ["attack=sig", "defense=linf_prune"],
     "badnets_seeds": ["seed=1"],
-    "cifar10_cpu_attacks": ["attack=wanet", "defense=undefended"],
-    "cifar10_cpu_defenses": ["defense=mmbm"],
+    "cifar10_cpu": ["cell=badnets__mmbm"],
     "ultraclean_cifar10": ["attack=blend", "defense=ultraclean"],
     "ultraclean_cifar10_clean_label": [
         "defense.removal_ratio=0.3",
