@@ -70,7 +70,8 @@ def test_cifar10_cpu_is_attacks_undefended_plus_defenses_on_badnets(tmp_path: Pa
         cfg = compose_cfg(["experiment=cifar10_cpu", cell], tmp_path)
         assert component(cfg.dataset) == "imagefolder" and OmegaConf.is_missing(cfg.dataset, "root")
         assert component(cfg.model) == "preact_resnet18" and cfg.model.width == 16
-        assert cfg.dataset.max_train == 5000 and cfg.train.epochs == 20
+        assert cfg.dataset.max_train == 10000 and cfg.train.epochs == 20
+        assert cfg.defense_data.clean_fraction == 0.025
         attack, defense = cell.removeprefix("cell=").split("__")
         # The name says the pair (module names: NONE is defenses/none.py).
         assert (component(cfg.attack), component(cfg.defense)) == (attack, defense.lower())
