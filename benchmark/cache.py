@@ -52,7 +52,7 @@ def cache_key(
     """A short hash of the resolved settings that determine the backdoored model."""
     payload = {
         g: _strip(OmegaConf.to_container(cfg[g], resolve=True))
-        if isinstance(cfg[g], DictConfig)
+        if OmegaConf.is_config(cfg[g])
         else cfg[g]
         for g in groups
     }
@@ -69,13 +69,7 @@ RUN_EXCLUDE_KEYS = frozenset({"paths", "logger", "progress", "resume", "fail_fas
 def config_digest(cfg: DictConfig) -> str:
     """A hash of a cell's resolved config (minus :data:`RUN_EXCLUDE_KEYS`): a rerun of the same
     cell has the same digest, so a complete ``metrics.json`` with it can be skipped."""
-    payload = {
-        k: _strip(OmegaConf.to_container(v, resolve=True)) if OmegaConf.is_config(v) else v
-        for k, v in ((k, cfg[k]) for k in sorted(cfg) if k not in RUN_EXCLUDE_KEYS)
-    }
-    payload["version"] = CACHE_VERSION
-    text = json.dumps(payload, sort_keys=True, default=str)
-    return hashlib.sha256(text.encode()).hexdigest()[:20]
+    return cache_key(cfg, groups=tuple(k for k in sorted(cfg) if k not in RUN_EXCLUDE_KEYS))
 
 
 class ModelCache:
