@@ -42,7 +42,10 @@ from benchmark.tracking import Tracker
 log = logging.getLogger("benchmark")
 register_resolvers()  # before Hydra resolves the job's folder, also in launcher workers
 
-GROUPS = ("dataset", "model", "attack", "defense", "train", "logger", "experiment", "debug")
+GROUPS = (
+    "dataset", "model", "attack", "defense", "train", "logger", "experiment", "debug",
+    "attack_setting",
+)  # fmt: skip
 
 
 def run_task(
