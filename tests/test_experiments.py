@@ -11,10 +11,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.types import RunMode
 from omegaconf import OmegaConf
 
 from benchmark import pipeline
-from tests.conftest import compose_cfg
+from tests.conftest import CONF_DIR, compose_cfg
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -23,9 +26,19 @@ DEFENSES = {p.stem for p in (CONF / "defense").glob("*.yaml")}
 DIGIT_DATA = ("mnist5k", "digits")  # no CIFAR-10 offline: runs swap in these
 
 
+def hydra_config(name: str) -> Any:
+    """The ``hydra`` node of an experiment as composed (an experiment may build on another)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+    GlobalHydra.instance().clear()
+    return cfg.hydra
+
+
 def sweep_params(name: str) -> dict[str, list[str]]:
-    """``hydra.sweeper.params`` of an experiment, each value split into its sweep choices."""
-    raw = OmegaConf.load(CONF / "experiment" / f"{name}.yaml").hydra.sweeper.params
+    """``hydra.sweeper.params`` of an experiment as composed, each value split into its sweep
+    choices."""
+    raw = hydra_config(name).sweeper.params
     return {key: [v.strip() for v in str(value).split(",")] for key, value in raw.items()}
 
 
@@ -50,17 +63,66 @@ def test_every_experiment_is_a_multirun_with_its_command_in_the_header() -> None
         text = (CONF / "experiment" / f"{name}.yaml").read_text()
         assert text.startswith("# @package _global_\n"), name
         assert f"python -m benchmark.run experiment={name}" in text, name
-        assert OmegaConf.load(CONF / "experiment" / f"{name}.yaml").hydra.mode == "MULTIRUN"
+        assert hydra_config(name).mode == RunMode.MULTIRUN, name
         assert cells(name), name
 
 
-@pytest.mark.parametrize("name", ["backdoorbench_cifar10", "smoke_all"])
-def test_full_grids_cross_every_attack_with_every_defense(name: str) -> None:
-    params = sweep_params(name)
+def test_smoke_all_crosses_every_attack_with_every_defense() -> None:
+    params = sweep_params("smoke_all")
     assert set(params["attack"]) == ATTACKS and len(params["attack"]) == len(ATTACKS)
     assert set(params["defense"]) == DEFENSES and len(params["defense"]) == len(DEFENSES)
     assert params["seed"] == ["0"]
-    assert len(cells(name)) == len(ATTACKS) * len(DEFENSES)
+    assert len(cells("smoke_all")) == len(ATTACKS) * len(DEFENSES)
+
+
+BACKDOORBENCH = sorted(
+    f"backdoorbench/{p.stem}" for p in (CONF / "attack_setting" / "backdoorbench").glob("*.yaml")
+)
+BB_EXPERIMENTS = {
+    "backdoorbench_cifar10": 0.1,
+    "backdoorbench_cifar10_5pct": 0.05,
+    "backdoorbench_cifar10_1pct": 0.01,
+}
+
+
+@pytest.mark.parametrize("name", sorted(BB_EXPERIMENTS))
+def test_backdoorbench_experiments_cross_its_attack_settings_with_every_defense(
+    name: str, tmp_path: Path
+) -> None:
+    """Every BackdoorBench attack as BackdoorBench sets it up, x every defense, at one rate of
+    the whole training set (clean label included: BackdoorBench's pratio)."""
+    params = sweep_params(name)
+    assert sorted(params["attack_setting"]) == BACKDOORBENCH
+    assert {s.split("/")[1] for s in BACKDOORBENCH} == ATTACKS - {"natural"}
+    assert set(params["defense"]) == DEFENSES and params["seed"] == ["0"]
+    rate = BB_EXPERIMENTS[name]
+    for setting in BACKDOORBENCH:
+        rest = [f"{k}={v[0]}" for k, v in params.items() if k not in ("attack_setting", "defense")]
+        cfg = compose_cfg(
+            [f"experiment={name}", f"attack_setting={setting}", "defense=undefended", *rest],
+            tmp_path,
+        )
+        attack = setting.split("/")[1]
+        assert component(cfg.attack) == attack
+        assert cfg.attack.poison_rate == pytest.approx(rate) and cfg.attack.target_class == 0
+        assert cfg.attack.get("rate_of", "train_set") == "train_set"
+        assert component(cfg.model) == "preact_resnet18" and cfg.model.width == 64
+        assert cfg.train.epochs == 100 and cfg.train.lr == 0.01 and cfg.train.batch_size == 128
+        scheduler = cfg.train.scheduler
+        if attack == "wanet":  # BackdoorBench's WaNet yaml: constant lr 0.01 over 100 epochs
+            assert scheduler._target_.endswith("MultiStepLR") and min(scheduler.milestones) == 100
+        else:
+            assert scheduler._target_.endswith("CosineAnnealingLR") and scheduler.T_max == 100
+        if attack == "blend":  # the user's Hello Kitty file, never a shipped one
+            assert cfg.attack.key_path is None and cfg.attack.alpha == cfg.attack.test_alpha == 0.2
+    assert len(cells(name)) == len(BACKDOORBENCH) * len(DEFENSES)
+
+
+def test_backdoorbench_blend_takes_the_key_from_paths_hello_kitty(tmp_path: Path) -> None:
+    cfg = compose_cfg(
+        ["attack_setting=backdoorbench/blend", "paths.hello_kitty=/k/hello_kitty.jpeg"], tmp_path
+    )
+    assert cfg.attack.key_path == "/k/hello_kitty.jpeg"
 
 
 def test_cifar10_cpu_is_attacks_undefended_plus_defenses_on_badnets(tmp_path: Path) -> None:
@@ -95,7 +157,7 @@ PAPER_SETTINGS: dict[str, tuple[str, str, list[str], dict[str, Any]]] = {
     "backdoorbench_cifar10": (
         "preact_resnet18",
         "cifar10",
-        ["attack=blend", "defense=ulrl"],
+        ["attack_setting=backdoorbench/blend", "defense=ulrl"],
         {
             "model.width": 64,
             "attack.poison_rate": 0.1,
@@ -106,6 +168,22 @@ PAPER_SETTINGS: dict[str, tuple[str, str, list[str], dict[str, Any]]] = {
             "train.batch_size": 128,
             "defense.relearn_lr": 0.005,  # ulrl_cifar10 tuning applies
         },
+    ),
+    "backdoorbench_cifar10_5pct": (
+        "preact_resnet18",
+        "cifar10",
+        ["attack_setting=backdoorbench/sig", "defense=undefended", "attack.poison_rate=0.05"],
+        {"attack.poison_rate": 0.05, "attack.rate_of": "train_set", "attack.delta": 40},
+    ),
+    "backdoorbench_cifar10_1pct": (
+        "preact_resnet18",
+        "cifar10",
+        [
+            "attack_setting=backdoorbench/label_consistent",
+            "defense=undefended",
+            "attack.poison_rate=0.01",
+        ],
+        {"attack.poison_rate": 0.01, "attack.rate_of": "train_set", "attack.amplitude": 1.0},
     ),
     "ultraclean_cifar10": (
         "vgg16_bn",
@@ -240,7 +318,9 @@ def test_smoke_all_sizes_beat_debug_smoke_and_keep_the_defense_deltas(tmp_path: 
 
 # Per experiment: the cell to run, and overrides that keep its slow parts tiny in the test.
 RUN_CELLS: dict[str, list[str]] = {
-    "backdoorbench_cifar10": ["attack=badnets", "defense=ulrl"],
+    "backdoorbench_cifar10": ["attack_setting=backdoorbench/badnets", "defense=ulrl"],
+    "backdoorbench_cifar10_5pct": ["attack_setting=backdoorbench/sig", "defense=undefended"],
+    "backdoorbench_cifar10_1pct": ["attack_setting=backdoorbench/wanet", "defense=mmbm"],
     "smoke_all": ["attack=sig", "defense=linf_prune"],
     "badnets_seeds": ["seed=1"],
     "cifar10_cpu": ["cell=badnets__mmbm"],
@@ -307,15 +387,20 @@ def test_smoke_all_runs_every_cell_and_writes_the_tables(tmp_path: Path) -> None
         assert (tables / name).stat().st_size > 0
 
 
+def _attack_key(name: str) -> str:
+    return "attack_setting" if "attack_setting" in sweep_params(name) else "attack"
+
+
 @pytest.mark.parametrize(
-    "name", [n for n in EXPERIMENTS if len(sweep_params(n).get("attack", [])) > 1]
+    "name", [n for n in EXPERIMENTS if len(sweep_params(n).get(_attack_key(n), [])) > 1]
 )
 def test_parallel_launchers_start_with_one_cell_per_attack(name: str) -> None:
     """The first jobs of a sweep are the baseline of every attack: run in parallel, they train
     the different backdoored models at once, not wait on one model's lock."""
+    key = _attack_key(name)
     params = sweep_params(name)
-    first = cells(name)[: len(params["attack"])]
-    assert {o for c in first for o in c if o.startswith("attack=")} == {
-        f"attack={a}" for a in params["attack"]
+    first = cells(name)[: len(params[key])]
+    assert {o for c in first for o in c if o.startswith(f"{key}=")} == {
+        f"{key}={a}" for a in params[key]
     }
     assert all("defense=undefended" in c for c in first)
