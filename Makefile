@@ -6,7 +6,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format bench tables clean
+.PHONY: help install run test test-fast lint format bench tables fidelity clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -42,7 +42,10 @@ bench: install ## Benchmarks -> results/bench/{train_throughput,sweep}.json (fit
 	$(PY) scripts/bench_sweep.py
 
 tables: install ## Collect outputs/**/metrics.json -> results/tables/
-	$(PY) scripts/make_tables.py outputs
+	$(PY) scripts/make_tables.py outputs $(ARGS)
+
+fidelity: install ## Ours vs published numbers for every reference row, and why not -> results/fidelity/
+	$(PY) scripts/fidelity.py outputs $(ARGS)
 
 clean: ## Remove caches and run outputs (keeps .venv and data/)
 	rm -rf outputs multirun wandb .cache .pytest_cache .ruff_cache

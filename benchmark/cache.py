@@ -72,6 +72,19 @@ def config_digest(cfg: DictConfig) -> str:
     return cache_key(cfg, groups=tuple(k for k in sorted(cfg) if k not in RUN_EXCLUDE_KEYS))
 
 
+def run_settings(cfg: DictConfig) -> dict[str, Any]:
+    """The resolved settings that define a cell (the config minus :data:`RUN_EXCLUDE_KEYS` and
+    :data:`EXCLUDE_KEYS`), as plain values: recorded in ``metrics.json`` so tables can tell
+    unlike runs apart and match published settings."""
+    return {
+        k: _strip(OmegaConf.to_container(cfg[k], resolve=True))
+        if OmegaConf.is_config(cfg[k])
+        else cfg[k]
+        for k in sorted(cfg)
+        if k not in RUN_EXCLUDE_KEYS
+    }
+
+
 class ModelCache:
     """The folder of cached backdoored models.
 

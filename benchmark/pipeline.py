@@ -37,7 +37,7 @@ from attacks.base import Attack, AttackContext
 from attacks.inversion import InvertedTriggers
 from attacks.pgd import adversarial_training_hook
 from benchmark import metrics
-from benchmark.cache import ModelCache, cache_key, config_digest
+from benchmark.cache import ModelCache, cache_key, config_digest, run_settings
 from benchmark.collect import record_row
 from benchmark.data import stratified_split
 from benchmark.datasets.base import Dataset
@@ -463,6 +463,7 @@ def run(
     with timer("validate"):
         comp = build(cfg)
     record["provenance"] = provenance(comp.device, overrides or [])
+    record["config"] = run_settings(cfg)  # what defines the cell: tables group and match on it
     with timer("data"):
         data = load_data(cfg, comp, record)
     record["data"] = {
@@ -525,7 +526,9 @@ def run(
         }
     )
     tracker.log_table("results", result_table(record))
-    tracker.log_table("row", pd.DataFrame([record_row(record, run_dir / "metrics.json")]))
+    row = pd.DataFrame([record_row(record, run_dir / "metrics.json")])
+    row = row.drop(columns=["settings", "facts"])
+    tracker.log_table("row", row)
     tracker.log_image("trigger_grid", grid, caption="clean test images (top) vs triggered (bottom)")
     if poisons is not None:
         tracker.log_image(

@@ -1,13 +1,15 @@
-"""Paper-style tables, heatmaps and reference comparisons from the tidy table of runs.
+"""Paper-style tables, statistics, heatmaps and reference comparisons from the tidy table.
 
-The tidy table comes from :func:`benchmark.collect.load_records` (one row per ``metrics.json``,
-rates as fractions). From it:
+The tidy table comes from :func:`benchmark.collect.load_records` (one row per setting and seed,
+rates as fractions, rows and columns labelled by setting). From it:
 
 - :func:`metric_pivot`: (dataset, model, attack) rows x defense columns of one metric, cells
-  "mean ± std" in percent over seeds (sample std, ddof=1), "failed" where every run of the cell
-  failed, "-" where the runs have no value (e.g. no detection); a defense run with command-line
-  settings is its own column, as in :func:`benchmark.collect.pivot`;
-- :func:`reference_comparison`: our means next to published numbers (``results/reference``);
+  "mean ± std [95% CI] n=<seeds>" in percent (:mod:`benchmark.stats`), "failed" where every run
+  of the cell failed, "-" where the runs have no value (e.g. no detection). Unlike settings are
+  never one cell: a row or column label names the settings in which its runs differ;
+- :func:`summary_table`: the same statistics as numbers, one row per cell and metric;
+- :func:`benchmark.stats.paired_comparison`: two defenses on the same backdoored models;
+- :func:`benchmark.fidelity.compare`: our cells next to published numbers, or why not;
 - :func:`make_tables`: everything above written as CSV, Markdown, LaTeX and PNG.
 """
 
@@ -21,35 +23,30 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from benchmark.collect import attack_rows, defense_columns, load_records
+from benchmark import fidelity
+from benchmark.collect import load_records, tidy_csv
 from benchmark.io import atomic_write_bytes, atomic_write_text
+from benchmark.stats import paired_comparison, summarize
 
 log = logging.getLogger(__name__)
 
 ROW_KEYS = ["dataset", "model", "attack"]
-MATCH_KEYS = ["dataset", "model", "attack", "defense"]
+LABEL_KEYS = ["dataset", "model", "row_label", "column_label"]
 # Output name -> (tidy column, title). det_tpr is the detection rate (DR).
 PIVOTS = {
     "ca": ("clean_acc", "Clean accuracy (CA, %)"),
     "asr": ("asr", "Attack success rate (ASR, %)"),
     "detection": ("det_tpr", "Detection rate (DR = det_tpr, %)"),
 }
-# Reference columns (percent) -> our tidy columns (fractions).
-REFERENCE_METRICS = {"clean_acc": "clean_acc", "asr": "asr", "ra": "ra"}
+SUMMARY_METRICS = ("clean_acc", "asr", "ra", "det_tpr", "det_fpr", "det_auroc", "der")
 BASELINE = "undefended"
+CELL_FORMAT = "mean ± std [95% CI over seeds] n=seeds"
 
 
 def mean_std(values: pd.Series, digits: int = 1) -> str:
-    """``values`` (fractions) as "mean ± std" in percent; the mean alone for one value.
-
-    Returns "-" when no value is present.
-    """
-    values = values.dropna().astype(float) * 100
-    if values.empty:
-        return "-"
-    if len(values) == 1:
-        return f"{values.iloc[0]:.{digits}f}"
-    return f"{values.mean():.{digits}f} ± {values.std(ddof=1):.{digits}f}"
+    """``values`` (fractions) in percent as "mean ± std [95% CI] n=k" ("mean n=1" for one
+    value, "-" for none)."""
+    return summarize(values.astype(float) * 100).text(digits)
 
 
 def _cell(group: pd.DataFrame, column: str) -> str:
@@ -70,11 +67,16 @@ def _ordered_columns(columns: Iterable[str]) -> list[str]:
     return [c for c in cols if c == BASELINE] + [c for c in cols if c != BASELINE]
 
 
+def _labelled(frame: pd.DataFrame) -> pd.DataFrame:
+    """The frame with ``attack`` / ``defense`` replaced by their setting labels."""
+    return frame.assign(attack=frame["row_label"], defense=frame["column_label"])
+
+
 def metric_pivot(frame: pd.DataFrame, column: str) -> pd.DataFrame:
-    """(dataset, model, attack) rows x defense columns of ``column`` as "mean ± std" (%)."""
+    """(dataset, model, attack) rows x defense columns of ``column`` (see the module docstring)."""
     if frame.empty:
         return pd.DataFrame()
-    frame = frame.assign(defense=defense_columns(frame), attack=attack_rows(frame))
+    frame = _labelled(frame)
     cells = {k: _cell(g, column) for k, g in frame.groupby([*ROW_KEYS, "defense"], dropna=False)}
     table = pd.Series(cells, dtype=object).unstack().fillna("-")
     table = table[_ordered_columns(table.columns)]
@@ -84,90 +86,65 @@ def metric_pivot(frame: pd.DataFrame, column: str) -> pd.DataFrame:
 
 def metric_means(frame: pd.DataFrame, column: str) -> pd.DataFrame:
     """Like :func:`metric_pivot` but numeric: means over complete runs in percent, NaN else."""
-    frame = frame.assign(attack=attack_rows(frame))
+    frame = _labelled(frame)
     done = frame[frame["status"] == "complete"]
     if done.empty:
         return pd.DataFrame()
-    done = done.assign(defense=defense_columns(done), value=done[column].astype(float) * 100)
+    done = done.assign(value=done[column].astype(float) * 100)
     table = done.pivot_table(
         index=ROW_KEYS, columns="defense", values="value", aggfunc="mean", dropna=False
     )
     # Same rows and columns as the text pivot, so failed cells show up as blanks, not vanish.
-    full = frame.assign(defense=defense_columns(frame))
-    rows = pd.MultiIndex.from_frame(full[ROW_KEYS].drop_duplicates()).sort_values()
-    return table.reindex(index=rows, columns=_ordered_columns(full["defense"].unique()))
+    rows = pd.MultiIndex.from_frame(frame[ROW_KEYS].drop_duplicates()).sort_values()
+    return table.reindex(index=rows, columns=_ordered_columns(frame["defense"].unique()))
 
 
-def load_reference(reference_dir: str | Path) -> pd.DataFrame:
-    """Every ``*.csv`` in ``reference_dir`` as one table (empty if none)."""
-    paths = sorted(Path(reference_dir).glob("*.csv"))
-    if not paths:
-        return pd.DataFrame()
-    return pd.concat([pd.read_csv(p) for p in paths], ignore_index=True)
+def summary_table(frame: pd.DataFrame, columns: Iterable[str] = SUMMARY_METRICS) -> pd.DataFrame:
+    """One row per cell and metric: ``n`` (seeds), ``mean``, ``std``, ``ci_low``, ``ci_high``
+    in percent over the complete runs, ``n_failed``, and the cell's setting digests."""
+    rows = []
+    for key, group in _labelled(frame).groupby([*ROW_KEYS, "defense"], dropna=False):
+        done = group[group["status"] == "complete"]
+        for column in columns:
+            s = summarize(done[column].astype(float) * 100)
+            rows.append(
+                {
+                    **dict(zip([*ROW_KEYS, "defense"], key, strict=True)),
+                    "metric": column,
+                    "n": s.n,
+                    "mean": s.mean,
+                    "std": s.std,
+                    "ci_low": s.ci_low,
+                    "ci_high": s.ci_high,
+                    "n_failed": int((group["status"] != "complete").sum()),
+                    "settings": ",".join(sorted(group["setting"].unique())),
+                }
+            )
+    return pd.DataFrame(rows)
 
 
-def reference_comparison(frame: pd.DataFrame, reference: pd.DataFrame) -> pd.DataFrame:
-    """Our complete default-setting runs next to the reference rows they match.
-
-    Rows match on (dataset, model, attack, defense) and on the poison rate where our runs record
-    one. Columns: the keys, ``poison_rate``, ``n_seeds``, then per metric ``<m>_ours`` (mean,
-    %), ``<m>_ours_std``, ``<m>_ref`` and ``<m>_diff`` (ours - ref), then ``source``. Empty when
-    nothing matches.
-    """
-    if frame.empty or reference.empty:
-        return pd.DataFrame()
-    # Runs with command-line defense settings are ablations, not the published configuration.
-    args = frame["defense_args"].fillna("")
-    done = frame[(frame["status"] == "complete") & (args == "")]
-    if done.empty:
-        return pd.DataFrame()
-    ours = done.assign(
-        poison_rate=done["poison_rate"].astype(float).round(6),
-        **{m: done[col].astype(float) * 100 for m, col in REFERENCE_METRICS.items()},
-    )
-    groups = ours.groupby([*MATCH_KEYS, "poison_rate"], dropna=False)
-    stats = groups.size().rename("n_seeds").to_frame()
-    for m in REFERENCE_METRICS:
-        stats[f"{m}_ours"] = groups[m].mean()
-        stats[f"{m}_ours_std"] = groups[m].std(ddof=1)
-    stats = stats.reset_index()
-    ref = reference.assign(poison_rate=reference["poison_rate"].astype(float).round(6))
-    ref = ref.rename(columns={m: f"{m}_ref" for m in REFERENCE_METRICS})
-    merged = stats.merge(ref, on=MATCH_KEYS, suffixes=("", "_reference"))
-    # A run without a recorded poison rate matches any; otherwise the rates must agree.
-    keep = merged["poison_rate"].isna() | np.isclose(
-        merged["poison_rate"].fillna(-1), merged["poison_rate_reference"]
-    )
-    merged = merged[keep].drop(columns="poison_rate_reference")
-    if merged.empty:
-        return pd.DataFrame()
-    columns = [*MATCH_KEYS, "poison_rate", "n_seeds"]
-    for m in REFERENCE_METRICS:
-        merged[f"{m}_diff"] = merged[f"{m}_ours"] - merged[f"{m}_ref"]
-        columns += [f"{m}_ours", f"{m}_ours_std", f"{m}_ref", f"{m}_diff"]
-    return merged[[*columns, "source"]].reset_index(drop=True)
-
-
-def comparison_markdown(comparison: pd.DataFrame) -> str:
-    """The comparison as Markdown: "ours (± std) / ref" per metric, then the source."""
-
-    def fmt(v: float, spec: str = ".1f") -> str:
-        return "-" if pd.isna(v) else f"{v:{spec}}"
-
-    shown = comparison[[*MATCH_KEYS, "poison_rate", "n_seeds"]].copy()
-    for m in REFERENCE_METRICS:
-        ours = [
-            fmt(mu) if pd.isna(sd) else f"{mu:.1f} ± {sd:.1f}"
-            for mu, sd in zip(comparison[f"{m}_ours"], comparison[f"{m}_ours_std"], strict=True)
+def paired_markdown(paired: pd.DataFrame) -> str:
+    """The paired comparisons as Markdown: "mean difference [95% CI] n=pairs" per metric."""
+    cells = paired.assign(
+        value=[
+            f"{m:+.1f} [{lo:+.1f}, {hi:+.1f}] n={n}" if n > 1 else f"{m:+.1f} n=1"
+            for m, lo, hi, n in zip(
+                paired["mean_diff"], paired["ci_low"], paired["ci_high"], paired["n_pairs"],
+                strict=True,
+            )
         ]
-        shown[f"{m} ours"] = ours
-        # Published numbers keep their two decimals.
-        shown[f"{m} ref"] = comparison[f"{m}_ref"].map(lambda v: fmt(v, ".2f"))
-        shown[f"{m} diff"] = comparison[f"{m}_diff"].map(lambda v: fmt(v, "+.1f"))
-    shown["source"] = comparison["source"]
-    title = "Ours vs. published numbers (%; ours = mean ± std over seeds)\n\n"
-    # disable_numparse: tabulate would otherwise reformat "95.00" as "95" and drop the "+".
-    return title + shown.to_markdown(index=False, disable_numparse=True) + "\n"
+    )  # fmt: skip
+    table = cells.pivot_table(
+        index=["dataset", "model", "attack", "defense_a", "defense_b"],
+        columns="metric",
+        values="value",
+        aggfunc="first",
+    ).reset_index()
+    title = (
+        "Paired differences, defense_a - defense_b on the same backdoored models (points; "
+        "mean [95% CI] over the shared models)\n\n"
+    )
+    return title + table.to_markdown(index=False, disable_numparse=True) + "\n"
 
 
 def pivot_latex(table: pd.DataFrame, caption: str, label: str) -> str:
@@ -187,11 +164,10 @@ def write_pivot(table: pd.DataFrame, out_dir: str | Path, name: str, title: str)
     paths = [out_dir / f"{name}.{ext}" for ext in ("csv", "md", "tex")]
     atomic_write_text(paths[0], table.reset_index().to_csv(index=False))
     flat = table.reset_index()
-    md = f"{title}, mean ± std over seeds\n\n" + flat.to_markdown(
-        index=False, disable_numparse=True
-    )
+    md = f"{title}; cells: {CELL_FORMAT}\n\n" + flat.to_markdown(index=False, disable_numparse=True)
     atomic_write_text(paths[1], md + "\n")
-    atomic_write_text(paths[2], pivot_latex(table, f"{title}, mean $\\pm$ std", f"tab:{name}"))
+    caption = f"{title}, mean $\\pm$ std [95% CI] over n seeds"
+    atomic_write_text(paths[2], pivot_latex(table, caption, f"tab:{name}"))
     return paths
 
 
@@ -231,8 +207,10 @@ def make_tables(
 ) -> list[Path]:
     """Read the runs under ``paths`` and write every table and figure into ``out_dir``.
 
-    Writes ``tidy.csv``, ``{ca,asr,detection}.{csv,md,tex}``, ``heatmap_{asr,ca}.png`` and,
-    when any row matches a reference in ``reference_dir``, ``reference_comparison.{csv,md}``.
+    Writes ``tidy.csv`` (one row per setting and seed), ``{ca,asr,detection}.{csv,md,tex}``,
+    ``heatmap_{asr,ca}.png``, ``summary.csv`` (n, mean, std, 95% CI per cell and metric),
+    ``paired.{csv,md}`` (defense pairs on the same backdoored models) and, with
+    ``reference_dir``, ``reference_comparison.{csv,md}`` (every cell: matched or why not).
     Returns the written paths (none when no run was found).
     """
     paths = list(paths)
@@ -242,7 +220,7 @@ def make_tables(
         return []
     out_dir = Path(out_dir)
     written = [out_dir / "tidy.csv"]
-    atomic_write_text(written[0], frame.to_csv(index=False))
+    atomic_write_text(written[0], tidy_csv(frame))
     for name, (column, title) in PIVOTS.items():
         written += write_pivot(metric_pivot(frame, column), out_dir, name, title)
     for name in ("asr", "ca"):
@@ -255,15 +233,21 @@ def make_tables(
         png = heatmap_png(means, f"{title}, mean over seeds", notes=metric_pivot(frame, column))
         atomic_write_bytes(path, png)
         written.append(path)
+    summary = out_dir / "summary.csv"
+    atomic_write_text(summary, summary_table(frame).to_csv(index=False))
+    written.append(summary)
+    paired = paired_comparison(frame)
+    if not paired.empty:
+        paths = [out_dir / "paired.csv", out_dir / "paired.md"]
+        atomic_write_text(paths[0], paired.to_csv(index=False))
+        atomic_write_text(paths[1], paired_markdown(paired))
+        written += paths
     if reference_dir is not None:
-        comparison = reference_comparison(frame, load_reference(reference_dir))
+        comparison = fidelity.compare(frame, fidelity.load_references(reference_dir))
         if not comparison.empty:
-            csv_path, md_path = (
-                out_dir / "reference_comparison.csv",
-                out_dir / "reference_comparison.md",
-            )
-            atomic_write_text(csv_path, comparison.to_csv(index=False))
-            atomic_write_text(md_path, comparison_markdown(comparison))
-            written += [csv_path, md_path]
+            paths = [out_dir / "reference_comparison.csv", out_dir / "reference_comparison.md"]
+            atomic_write_text(paths[0], comparison.to_csv(index=False))
+            atomic_write_text(paths[1], fidelity.comparison_markdown(comparison))
+            written += paths
     log.info("wrote %d table files to %s (%d runs)", len(written), out_dir, len(frame))
     return written

@@ -2,9 +2,12 @@
 
     python scripts/make_tables.py outputs --out-dir results/tables
 
-Writes into ``--out-dir``: ``tidy.csv`` (one row per run), ``{ca,asr,detection}.{csv,md,tex}``
-(attack rows x defense columns, "mean ± std" in percent over seeds), ``heatmap_{asr,ca}.png`` and,
-where runs match a published table in ``--reference-dir``, ``reference_comparison.{csv,md}``.
+Writes into ``--out-dir``: ``tidy.csv`` (one row per setting and seed),
+``{ca,asr,detection}.{csv,md,tex}`` (attack rows x defense columns, "mean ± std [95% CI] n=seeds"
+in percent; unlike settings get their own labelled row or column), ``summary.csv`` (the same
+statistics as numbers), ``paired.{csv,md}`` (two defenses on the same backdoored models),
+``heatmap_{asr,ca}.png`` and ``reference_comparison.{csv,md}`` (every cell next to the published
+number of ``--reference-dir``, or why it cannot be compared; ``make fidelity`` shows more).
 """
 
 from __future__ import annotations

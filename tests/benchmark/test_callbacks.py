@@ -17,7 +17,7 @@ from benchmark.callbacks import (
     sweep_name,
 )
 from benchmark.tracking import Tracker
-from tests.benchmark.test_tables import write_run
+from tests.benchmark.records import write_record
 
 
 class RecordingTracker(Tracker):
@@ -92,8 +92,8 @@ def test_start_keeps_a_folder_given_on_the_command_line(tmp_path: Path) -> None:
 
 def test_end_writes_tables_and_reports_failed_cells(tmp_path: Path, caplog) -> None:
     sweep = tmp_path / "sweep"
-    write_run(sweep / "attack=badnets", "badnets", "undefended", 0)
-    write_run(sweep / "attack=blend", "blend", "undefended", 0, status="failed")
+    write_record(sweep / "attack=badnets")
+    write_record(sweep / "attack=blend", ("attack=blend",), status="failed")
     with pytest.raises(SystemExit) as exit_info:
         SweepCallback().on_multirun_end(config=_master(sweep))
     assert exit_info.value.code == 1
@@ -117,7 +117,7 @@ def test_end_without_runs_never_raises(tmp_path: Path) -> None:
 
 def test_end_logs_the_tables_once_to_the_tracker(tmp_path: Path) -> None:
     sweep = tmp_path / "sweep"
-    write_run(sweep / "attack=badnets", "badnets", "undefended", 0)
+    write_record(sweep / "attack=badnets")
     logger = {"_target_": f"{__name__}.RecordingTracker"}
     RecordingTracker.calls.clear()
     SweepCallback().on_multirun_end(config=_master(sweep, logger=logger))

@@ -6,7 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from tests.benchmark.test_tables import write_run
+from tests.benchmark.records import write_record
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -19,8 +19,8 @@ def _script_main():
 
 
 def test_script_writes_tables(tmp_path: Path) -> None:
-    write_run(tmp_path / "runs" / "a", "badnets", "undefended", 0, clean_acc=0.94)
-    write_run(tmp_path / "runs" / "b", "badnets", "undefended", 1, clean_acc=0.96)
+    write_record(tmp_path / "runs" / "a", (), 0, clean_acc=0.94)
+    write_record(tmp_path / "runs" / "b", (), 1, clean_acc=0.96)
     out = tmp_path / "tables"
     args = [str(tmp_path / "runs"), "--out-dir", str(out)]
     assert _script_main()([*args, "--reference-dir", str(ROOT / "results/reference")]) == 0
