@@ -2,8 +2,9 @@
 
     python scripts/collect_results.py outputs --out results/tables/results.csv
 
-Writes ``<out>`` (one row per run) and ``<out stem>.md`` (cells "CA / ASR / DR" in percent,
-means over seeds; DR = detection rate, "-" where the defense detects nothing).
+Writes ``<out>`` (one row per setting and seed) and ``<out stem>.md`` (cells "CA / ASR / DR" in
+percent, means over seeds of one setting; DR = detection rate, "-" where the defense detects
+nothing).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from benchmark.collect import load_records, pivot
+from benchmark.collect import load_records, pivot, tidy_csv
 from benchmark.io import atomic_write_text
 
 
@@ -26,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"no metrics.json found under {args.paths}", file=sys.stderr)
         return 1
     out = Path(args.out)
-    atomic_write_text(out, frame.to_csv(index=False))
+    atomic_write_text(out, tidy_csv(frame))
     table = pivot(frame)
     md = "CA / ASR / DR (%), mean over seeds\n\n" + table.to_markdown() + "\n"
     atomic_write_text(out.with_suffix(".md"), md)
