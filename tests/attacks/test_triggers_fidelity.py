@@ -61,7 +61,7 @@ def _key_file(tmp_path, name: str) -> tuple[str, dict]:
     meta = fixture()[0]["attacks"][name]
     h, w = (32, 32) if name == "blend32" else (37, 45)
     key = inputs.key_image(h, w)
-    assert inputs.sha256(key) == meta["key_sha256"]
+    assert inputs.sha256(key) == meta["key_pixels_sha256"]
     path = tmp_path / f"{name}.png"
     Image.fromarray(key).save(path)
     return str(path), meta["settings"]
