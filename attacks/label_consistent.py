@@ -27,6 +27,12 @@ Deviations:
 - Only the images that are poisoned are perturbed (BackdoorBench perturbs the whole set once);
   the result is the same for the poisoned set, and the perturbed images are cached.
 - The GAN-interpolation variant of the paper is not implemented.
+- Stored images are rounded to uint8. BackdoorBench truncates (``npClipAndToUint8``, and
+  ``(x * 255).type(uint8)`` for its PGD images, which so reach 9/255 of perturbation where ours
+  stay at 8/255). The checker at amplitude 1 is identical to BackdoorBench's
+  (``utils/bd_img_transform/lc.py``, all-corners, at SCLBD/BackdoorBench@f02e353); at reduced
+  amplitudes the unsaturated cells sit at x +/- 255 a, where rounding and truncation can differ
+  by one level (pinned by ``tests/attacks/test_triggers_fidelity.py``).
 """
 
 from __future__ import annotations

@@ -15,7 +15,10 @@ Poison rate: a fraction of the target class by default (see ``CleanLabelAttack``
 0.5 is BackdoorBench's 5% setting on a balanced 10-class set, where CA stays near the clean
 model's (at 10% BackdoorBench poisons the whole class and CA drops about 9 points).
 
-Deviations: none in the signal.
+Deviations: none in the signal (``utils/bd_img_transform/sig.py`` at SCLBD/BackdoorBench@f02e353).
+The stored images are rounded to uint8, where BackdoorBench truncates (``np.uint8(np.clip(...))``),
+so every stored value is BackdoorBench's or one level above it (about 37% of the values of
+random images; pinned by ``tests/attacks/test_triggers_fidelity.py``).
 """
 
 from __future__ import annotations

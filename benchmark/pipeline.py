@@ -319,8 +319,13 @@ def new_model(cfg: DictConfig, dataset: Dataset, *names: object) -> nn.Module:
     )
 
 
-def augmentation(dataset: Dataset) -> Augment:
-    return Augment(crop_padding=dataset.crop_padding, hflip=dataset.hflip)
+def augmentation(
+    dataset: Dataset, attack: Attack | None = None
+) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """The training augmentation: the attack's own where it supplies one (``train_augment``,
+    e.g. WaNet's ``augment=backdoorbench``), else the dataset's crop + flip."""
+    own = getattr(attack, "train_augment", None)
+    return (own(dataset) if own else None) or Augment(dataset.crop_padding, dataset.hflip)
 
 
 def backdoored_model(
@@ -357,7 +362,7 @@ def backdoored_model(
             cfg.train,
             device=comp.device,
             seed=derive_seed(cfg.seed, "fit", "backdoored"),
-            augment=augmentation(comp.dataset),
+            augment=augmentation(comp.dataset, attack),
             batch_hook=attack.batch_hook if attack.controls_training else None,
             checkpoint=ckpt_dir / "train_ckpt.pt",
             progress=cfg.progress,

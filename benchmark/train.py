@@ -2,7 +2,8 @@
 
 Data stay as uint8 tensors on the training device (airbench style); each batch is converted to
 float pixels, passed through an optional ``batch_hook`` (training-controlled attacks), augmented
-on the device (random crop with zero padding, horizontal flip where the dataset allows), and fed
+on the device (random crop with zero padding, horizontal flip where the dataset allows; or an
+attack's own, e.g. WaNet's per-batch ``benchmark.augment.PerBatchAugment``), and fed
 to the model, which normalises inside ``forward``. The loop uses the channels_last memory
 layout (faster on CUDA and on CPU) and bf16 autocast where bf16 is native (CUDA, and CPUs with
 AVX512-BF16/AMX; measured 1.5x for small_cnn on two such EPYC cores, same accuracy). Every
@@ -37,6 +38,9 @@ from benchmark.types import ImageSet
 log = logging.getLogger(__name__)
 
 BatchHook = Callable[[Tensor, Tensor, torch.Generator], tuple[Tensor, Tensor]]
+# A batched augmentation ``(x, gen) -> x``: ``Augment`` (per sample) or
+# ``benchmark.augment.PerBatchAugment`` (WaNet's, one parameter set per batch).
+AugmentFn = Callable[[Tensor, torch.Generator], Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 # Steps between checks that the running loss is finite (each check is one device sync).
 CHECK_EVERY = 20
@@ -146,7 +150,7 @@ def fit(
     *,
     device: str | torch.device = "cpu",
     seed: int = 0,
-    augment: Augment | None = None,
+    augment: AugmentFn | None = None,
     batch_hook: BatchHook | None = None,
     loss_fn: LossFn | None = None,
     params: Iterable[nn.Parameter] | None = None,
@@ -170,7 +174,8 @@ def fit(
         device: training device.
         seed: the seed stream of this training; batch order, augmentation and dropout are
             drawn from ``(seed, epoch)``.
-        augment: augmentation (skipped when the recipe has ``augment: false``).
+        augment: ``(x, gen) -> x`` on the device after the hook, e.g. ``Augment`` (skipped
+            when the recipe has ``augment: false``).
         batch_hook: ``(x, y, gen) -> (x, y)`` on float pixels before augmentation (WaNet's
             on-the-fly poisoning).
         loss_fn: ``(logits, y) -> loss``; cross-entropy by default (negate it for unlearning).

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 import torch
@@ -73,3 +75,39 @@ def test_missing_or_unreadable_key_is_a_clear_error(tmp_path) -> None:
 def test_alpha_out_of_range(key: str) -> None:
     with pytest.raises(ConfigError, match=rf"attack\.{key}"):
         Blend(**{key: 1.5})
+
+
+def test_additive_formula_is_ultracleans_clipped_sum() -> None:
+    """UltraClean's blended_generation.py: clip(x + 0.2 * key, 0, 1); the default stays convex."""
+    assert Blend().formula == "convex"
+    attack = ready(formula="additive", alpha=0.2)
+    x = torch.rand(5, 3, 12, 12)
+    expected = (x + 0.2 * attack.key).clamp(0, 1)
+    assert torch.allclose(attack.apply_trigger(x), expected, atol=1e-6)
+    assert (attack.apply_trigger(x) >= x - 1e-6).all()  # additive only brightens
+    with pytest.raises(ConfigError, match=r"attack\.formula"):
+        Blend(formula="multiply")  # type: ignore[arg-type]
+
+
+def test_describe_records_the_trigger_identity(tmp_path) -> None:
+    noise = ready().describe(200)
+    assert (noise["key"], noise["key_sha256"], noise["formula"]) == ("noise", None, "convex")
+    Image.fromarray(np.full((20, 20, 3), 7, dtype=np.uint8)).save(tmp_path / "kitty.png")
+    attack = Blend(key_path=str(tmp_path / "kitty.png"), formula="additive")
+    attack.validate(4, (3, 12, 12), 200)
+    described = attack.describe(200)
+    digest = hashlib.sha256((tmp_path / "kitty.png").read_bytes()).hexdigest()
+    assert (described["key"], described["key_sha256"]) == ("kitty", digest)
+    assert described["formula"] == "additive"
+
+
+def test_bad_key_file_fails_in_one_line_before_any_data(make_cfg, tmp_path) -> None:
+    """``pipeline.build`` (config and metadata only) already reads the key file."""
+    from benchmark import pipeline
+
+    (tmp_path / "bad.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken\n\nfile")
+    for path in (tmp_path / "missing.png", tmp_path / "bad.png"):
+        cfg = make_cfg("attack=blend", f"attack.key_path={path}")
+        with pytest.raises(ConfigError) as err:
+            pipeline.build(cfg)
+        assert err.value.key == "attack.key_path" and "\n" not in str(err.value)

@@ -1,15 +1,21 @@
-"""WaNet: the warping field, the batch hook, the static view, the saved state and bad values."""
+"""WaNet: the warping field, the batch hook, the static view, the saved state, bad values and
+the ``augment`` option (BackdoorBench's PostTensorTransform wired into the backdoor training)."""
 
 from __future__ import annotations
+
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 from attacks.wanet import WaNet
+from benchmark import pipeline
+from benchmark.augment import PerBatchAugment
 from benchmark.data import to_float
 from benchmark.errors import ConfigError
 from benchmark.seeding import generator
+from benchmark.train import Augment
 from tests.conftest import toy_set
 
 K, SHAPE = 5, (3, 16, 16)
@@ -214,6 +220,7 @@ def test_uint8_images_convert_consistently() -> None:
         ({"strength": 0.0}, "attack.strength"),
         ({"grid_rescale": -1.0}, "attack.grid_rescale"),
         ({"cross_ratio": -0.5}, "attack.cross_ratio"),
+        ({"augment": "kornia"}, "attack.augment"),
     ],
 )
 def test_bad_constructor_values_name_the_key(kwargs: dict[str, object], key: str) -> None:
@@ -230,3 +237,61 @@ def test_bad_shapes_and_counts_name_the_key() -> None:
     with pytest.raises(ConfigError, match=r"attack\.cross_ratio"):
         WaNet(poison_rate=0.4, cross_ratio=2.0).validate(K, SHAPE, 300)  # 120 + 240 > 300
     WaNet(poison_rate=0.25, cross_ratio=3.0).validate(K, SHAPE, 300)  # 75 + 225 = 300
+
+
+def test_augment_option_chooses_the_training_augmentation() -> None:
+    """``harness``: None (the runner uses the dataset's crop + flip). ``backdoorbench``: WaNet's
+    PostTensorTransform with BackdoorBench's settings, filled with the dataset's mean colour,
+    flipping only where the dataset allows it; ``describe()`` records the choice."""
+    cifar = SimpleNamespace(mean=(0.4914, 0.4822, 0.4465), hflip=True)
+    digits_set = SimpleNamespace(mean=(0.1307,), hflip=False)
+    assert WaNet().train_augment(cifar) is None
+    assert WaNet().describe(100)["augment"] == "harness"
+    attack = WaNet(augment="backdoorbench")
+    assert attack.describe(100)["augment"] == "backdoorbench"
+    aug = attack.train_augment(cifar)
+    assert aug == PerBatchAugment(
+        fill=cifar.mean, crop_padding=5, crop_p=0.8, degrees=10.0, rotation_p=0.5, hflip=True
+    )
+    digits = attack.train_augment(digits_set)
+    assert digits is not None and digits.fill == (0.1307,) and not digits.hflip
+
+
+@pytest.mark.parametrize("augment", ["harness", "backdoorbench"])
+def test_runner_trains_the_backdoor_with_the_chosen_augmentation(
+    make_cfg, tmp_path, monkeypatch: pytest.MonkeyPatch, augment: str
+) -> None:
+    """A small fit through the runner: with ``backdoorbench`` the backdoored model's fit gets
+    WaNet's per-batch augmentation (and so not the per-sample crop + flip), which is applied
+    to the hooked batches; defenses and surrogates keep the dataset's."""
+    seen: list[object] = []
+    calls = {"n": 0}
+    real_fit = pipeline.fit
+
+    def spy(model, data, recipe, **kw):
+        aug = kw.get("augment")
+        seen.append(aug)
+        if isinstance(aug, PerBatchAugment):
+
+            def counted(x, gen):
+                calls["n"] += 1
+                return aug(x, gen)
+
+            kw["augment"] = counted
+        return real_fit(model, data, recipe, **kw)
+
+    monkeypatch.setattr(pipeline, "fit", spy)
+    cfg = make_cfg("attack=wanet", f"attack.augment={augment}", "dataset.max_train=200")
+    record = pipeline.run(cfg, run_dir=tmp_path / "run")
+    assert record["attack"]["augment"] == augment
+    first = seen[0]
+    if augment == "harness":
+        assert isinstance(first, Augment)
+    else:
+        assert isinstance(first, PerBatchAugment) and calls["n"] >= 1
+        assert first.fill == tuple(cfg_mean(cfg))
+
+
+def cfg_mean(cfg) -> tuple[float, ...]:
+    """The normalisation mean of the run's dataset."""
+    return tuple(pipeline.build(cfg).dataset.mean or ())

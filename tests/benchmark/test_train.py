@@ -9,6 +9,7 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from benchmark.augment import PerBatchAugment
 from benchmark.errors import BenchmarkError, TrainingDiverged
 from benchmark.models.small_cnn import SmallCNN
 from benchmark.seeding import generator
@@ -207,3 +208,23 @@ def test_a_trailing_batch_of_one_is_dropped() -> None:
     sizes.clear()
     fit(_model(), toy_set(18, 4), RECIPE, epochs=1, batch_size=8, progress=False, batch_hook=hook)
     assert sizes == [8, 8, 2]
+
+
+def test_an_attacks_per_batch_augmentation_runs_after_the_hook_and_is_seeded() -> None:
+    """``fit`` takes any ``(x, gen) -> x`` augmentation (WaNet's PerBatchAugment): it sees the
+    hooked batch, draws from the fit's seeded generator, and the run is reproducible."""
+    seen = []
+    aug = PerBatchAugment(fill=(0.5, 0.5, 0.5), crop_padding=2)
+
+    def hook(x: torch.Tensor, y: torch.Tensor, gen: torch.Generator):
+        return torch.ones_like(x), y  # a marker the augmentation must see
+
+    def spy(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        seen.append(bool((x == 1).all()))
+        return aug(x, gen)
+
+    data = toy_set(64, 4, seed=3)
+    a, b = _model(), _model()
+    fit(a, data, RECIPE, epochs=2, seed=5, augment=spy, batch_hook=hook, progress=False)
+    fit(b, data, RECIPE, epochs=2, seed=5, augment=aug, batch_hook=hook, progress=False)
+    assert seen == [True] * 4 and _same_weights(a, b)
