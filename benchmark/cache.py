@@ -2,7 +2,8 @@
 
 An entry lives in ``<cache_dir>/attacked/<key>/`` where ``key`` hashes the resolved dataset,
 model, attack, train, defense-data and seed settings, minus keys that do not change the result
-(audiocraft/dora's exclude list idea). It holds:
+(audiocraft/dora's exclude list idea), with files named by path (a Blend key) counted by their
+content. It holds:
 
 - ``entry.pt``: the model ``state_dict``, the poison and clean-reserve indices, the attack's
   trigger state and the training history (loaded with ``weights_only=True``);
@@ -45,13 +46,25 @@ def _strip(node: Any) -> Any:
     return node
 
 
+def _by_content(node: Any) -> Any:
+    """Paths of files (a Blend key, a trigger image) replaced by their content's sha256, so a
+    changed file at the same path is another key, and two paths to one file are the same."""
+    if isinstance(node, dict):
+        return {k: _by_content(v) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_by_content(v) for v in node]
+    if isinstance(node, str) and "/" in node and Path(node).is_file():
+        return f"sha256:{sha256_file(node)}"
+    return node
+
+
 def cache_key(
     cfg: DictConfig,
     groups: tuple[str, ...] = ("dataset", "model", "attack", "train", "defense_data", "seed"),
 ) -> str:
     """A short hash of the resolved settings that determine the backdoored model."""
     payload = {
-        g: _strip(OmegaConf.to_container(cfg[g], resolve=True))
+        g: _by_content(_strip(OmegaConf.to_container(cfg[g], resolve=True)))
         if OmegaConf.is_config(cfg[g])
         else cfg[g]
         for g in groups

@@ -10,6 +10,7 @@ from omegaconf import open_dict
 
 from benchmark import pipeline
 from benchmark.cache import ModelCache, cache_key
+from tests.conftest import compose_cfg
 
 
 def test_key_ignores_non_semantic_keys_and_follows_semantic_ones(make_cfg) -> None:
@@ -89,3 +90,20 @@ def test_training_checkpoint_location(make_cfg, tmp_path: Path, enabled: bool) -
         not (entry / "train_ckpt.pt").exists() and not (tmp_path / "run" / "train_ckpt.pt").exists()
     )
     assert (entry / "entry.pt").exists() == enabled
+
+
+def test_a_key_file_counts_by_content_not_path(tmp_path: Path) -> None:
+    """A changed key file at the same path must not reuse a model trained on the old one; two
+    paths to the same bytes are the same model."""
+    a, b = tmp_path / "a" / "key.png", tmp_path / "b" / "key.png"
+    for path in (a, b):
+        path.parent.mkdir()
+        path.write_bytes(b"one")
+
+    def key(path: Path) -> str:
+        return cache_key(compose_cfg(["attack=blend", f"attack.key_path={path}"], tmp_path))
+
+    before = key(a)
+    assert key(b) == before
+    a.write_bytes(b"two")
+    assert key(a) != before

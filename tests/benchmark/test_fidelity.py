@@ -104,7 +104,7 @@ def test_every_other_mismatch_is_named(tmp_path: Path, reference) -> None:
     reasons = {r["setting"]: r["reasons"] for r in _compare(tmp_path, reference).to_dict("records")}
     text = "\n".join(reasons.values())
     assert "lr schedule: torch.optim.lr_scheduler.CosineAnnealingLR, the reference used" in text
-    assert "WaNet augmentation: unset, the reference used backdoorbench" in text
+    assert "WaNet augmentation: harness, the reference used backdoorbench" in text
     assert "defense ulrl: no reference row" in text
     assert "poison rate 0.2 of the training set: the reference has 0.1, 0.05, 0.01" in text
     assert "dataset mnist5k: not in the reference (it has cifar10)" in text
@@ -117,19 +117,7 @@ def test_command_line_defense_settings_are_an_ablation(tmp_path: Path, reference
     assert "defense settings changed on the command line (defense.x=1)" in row["reasons"]
 
 
-@pytest.mark.parametrize(
-    "attack",
-    [
-        "badnets",
-        "blend",
-        "sig",
-        "label_consistent",
-        pytest.param(
-            "wanet",
-            marks=pytest.mark.xfail(strict=True, reason="attack.augment is not merged yet"),
-        ),
-    ],
-)
+@pytest.mark.parametrize("attack", ["badnets", "blend", "sig", "label_consistent", "wanet"])
 def test_the_experiment_cells_hold_every_setting_the_reference_names(
     attack: str, reference, tmp_path: Path
 ) -> None:
