@@ -172,8 +172,10 @@ class NONE(Defense):
         exclude_flagged: fine-tune without the flagged samples (false: the natural-backdoor
             setting, where nothing is removed).
         freeze_norm_affine: also freeze the norm layers' weight and bias while fine-tuning
-            (their running statistics are always frozen).
-        flag_break_value: flag ``u >= t`` (the official rule) instead of ``u > t``.
+            (their running statistics are always frozen); false = trained, as the official
+            ``fix_bn`` (BatchNorm in eval mode only).
+        flag_break_value: flag ``u >= t`` (the official ``>= breaks[1]``, which adds the lower
+            Jenks class's largest value) instead of the upper class only (``u > t``).
         batch_size: images per forward pass of the analysis.
     """
 
@@ -195,8 +197,8 @@ class NONE(Defense):
         n_std: float = 3.0,
         detect_fraction: float | None = None,
         exclude_flagged: bool = True,
-        freeze_norm_affine: bool = True,
-        flag_break_value: bool = False,
+        freeze_norm_affine: bool = False,
+        flag_break_value: bool = True,
         batch_size: int = 256,
     ) -> None:
         self.reset_fraction = reset_fraction
