@@ -14,22 +14,25 @@ reconstruction in the implementer notes (``defenses-ultraclean-none-linf.md`` se
 
 1. Layer: the last convolution of the model (``model.conv_layers()[-1]``); each output channel
    is a "neuron". Its map is measured after the conv's norm layer and the following activation
-   (the post-ReLU feature map of the notes); see *Where the map is taken* below.
+   (the post-ReLU feature map of the notes); see ``defenses/linf_sites.py``.
 2. Channel score: the norm of each channel's spatial map per image (``norm``: l-inf = max over
    positions of ``|A|``, the default; l1 = sum of ``|A|``; l2 = Euclidean norm, as ablations),
    averaged over the images (the notes' "mean l-inf norm over the clean set").
 3. Ranking (``ranking``):
-   - ``clean_asc`` (default; the notes' variant B, Fine-Pruning with the mean activation
-     replaced by the l-inf norm): scores on the clean reserve, ascending; channels dormant on
-     clean data go first. Needs no trigger.
-   - ``inverted_desc`` (the notes' variant A): a trigger is inverted on the clean reserve with
-     ``attacks.inversion.invert_triggers`` (all-to-one, one trigger per candidate target at the
-     mask-area budget ``inversion_budget``); the target is the class whose trigger has the
+   - ``inverted_desc`` (default; the notes' variant A, the paper's procedure as far as the
+     abstract and the only summary say: prune the neurons that the reverse-engineered,
+     "synthetic" trigger excites most in l-inf): a trigger is inverted on the clean reserve
+     with ``attacks.inversion.invert_triggers`` (all-to-one, one trigger per candidate target at
+     the mask-area budget ``inversion_budget``); the target is the class whose trigger has the
      highest fit ASR on the reserve (ties: lowest class index), or ``inversion_target`` when
      set. Channels are scored on the reserve images whose label is not that target, stamped
-     with its trigger, and pruned in descending order: the channels the trigger excites most.
+     with its trigger, and pruned in descending order.
    - ``inverted_diff_desc``: as ``inverted_desc``, ranked by the increase of the score over the
      same images unstamped (the notes' "trigger minus clean" alternative).
+   - ``clean_asc`` (the notes' variant B, Fine-Pruning with the mean activation replaced by the
+     l-inf norm): scores on the clean reserve, ascending; channels dormant on clean data go
+     first. Needs no trigger, and no inversion time; weak on BN networks, where no channel is
+     dormant (fidelity review, Part 2b section 3.4).
 4. Pruning: channels are masked one at a time in ranking order. After each step the clean
    reserve accuracy is measured; the step that would make the drop from the unpruned model
    exceed ``max_acc_drop`` is undone and pruning stops (a drop of exactly the budget is allowed).
@@ -44,7 +47,8 @@ Extras (plain scalars): ``layer`` (the masked site), ``conv_layer``, ``site_kind
 ``max_fraction`` or ``asr``), ``n_reserve``, ``reserve_acc_before`` / ``_pruned`` / ``_after``
 (before pruning, after pruning, after fine-tuning), and for the inverted rankings
 ``inversion_target``, ``inversion_fit_asr`` and ``inverted_asr_before`` / ``_pruned`` (the
-inverted trigger's ASR on the reserve; None otherwise).
+inverted trigger's ASR on the reserve; None otherwise), and ``rank_s`` (seconds of the ranking,
+the inversion included).
 
 Where the map is taken and how masks persist: ``defenses/linf_sites.py``.
 
@@ -80,6 +84,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -156,7 +161,7 @@ class LinfPrune(Defense):
 
     def __init__(
         self,
-        ranking: str = "clean_asc",
+        ranking: str = "inverted_desc",
         norm: str = "linf",
         max_acc_drop: float = 0.04,
         max_fraction: float = 1.0,
@@ -330,9 +335,11 @@ class LinfPrune(Defense):
         )
 
         seed = derive_seed(ctx.seed, "inversion")
+        t0 = time.perf_counter()
         ranking = self.rank(
             model, site, data, num_classes=ctx.num_classes, device=device, seed=seed
         )
+        rank_s = time.perf_counter() - t0
 
         def acc_at(k: int) -> float:
             set_pruned(mask, ranking.order[:k])
@@ -388,6 +395,7 @@ class LinfPrune(Defense):
             "inversion_fit_asr": ranking.fit_asr,
             "inverted_asr_before": asr0,
             "inverted_asr_pruned": asr_pruned,
+            "rank_s": round(rank_s, 3),  # ranking, with the inversion for inverted_*
         }
         return DefenseResult(model=model, extras=extras)
 
