@@ -14,22 +14,25 @@ reconstruction in the implementer notes (``defenses-ultraclean-none-linf.md`` se
 
 1. Layer: the last convolution of the model (``model.conv_layers()[-1]``); each output channel
    is a "neuron". Its map is measured after the conv's norm layer and the following activation
-   (the post-ReLU feature map of the notes); see *Where the map is taken* below.
+   (the post-ReLU feature map of the notes); see ``defenses/linf_sites.py``.
 2. Channel score: the norm of each channel's spatial map per image (``norm``: l-inf = max over
    positions of ``|A|``, the default; l1 = sum of ``|A|``; l2 = Euclidean norm, as ablations),
    averaged over the images (the notes' "mean l-inf norm over the clean set").
 3. Ranking (``ranking``):
-   - ``clean_asc`` (default; the notes' variant B, Fine-Pruning with the mean activation
-     replaced by the l-inf norm): scores on the clean reserve, ascending; channels dormant on
-     clean data go first. Needs no trigger.
-   - ``inverted_desc`` (the notes' variant A): a trigger is inverted on the clean reserve with
-     ``attacks.inversion.invert_triggers`` (all-to-one, one trigger per candidate target at the
-     mask-area budget ``inversion_budget``); the target is the class whose trigger has the
+   - ``inverted_desc`` (default; the notes' variant A, the paper's procedure as far as the
+     abstract and the only summary say: prune the neurons that the reverse-engineered,
+     "synthetic" trigger excites most in l-inf): a trigger is inverted on the clean reserve
+     with ``attacks.inversion.invert_triggers`` (all-to-one, one trigger per candidate target at
+     the mask-area budget ``inversion_budget``); the target is the class whose trigger has the
      highest fit ASR on the reserve (ties: lowest class index), or ``inversion_target`` when
      set. Channels are scored on the reserve images whose label is not that target, stamped
-     with its trigger, and pruned in descending order: the channels the trigger excites most.
+     with its trigger, and pruned in descending order.
    - ``inverted_diff_desc``: as ``inverted_desc``, ranked by the increase of the score over the
      same images unstamped (the notes' "trigger minus clean" alternative).
+   - ``clean_asc`` (the notes' variant B, Fine-Pruning with the mean activation replaced by the
+     l-inf norm): scores on the clean reserve, ascending; channels dormant on clean data go
+     first. Needs no trigger, and no inversion time; weak on BN networks, where no channel is
+     dormant (fidelity review, Part 2b section 3.4).
 4. Pruning: channels are masked one at a time in ranking order. After each step the clean
    reserve accuracy is measured; the step that would make the drop from the unpruned model
    exceed ``max_acc_drop`` is undone and pruning stops (a drop of exactly the budget is allowed).
@@ -44,37 +47,10 @@ Extras (plain scalars): ``layer`` (the masked site), ``conv_layer``, ``site_kind
 ``max_fraction`` or ``asr``), ``n_reserve``, ``reserve_acc_before`` / ``_pruned`` / ``_after``
 (before pruning, after pruning, after fine-tuning), and for the inverted rankings
 ``inversion_target``, ``inversion_fit_asr`` and ``inverted_asr_before`` / ``_pruned`` (the
-inverted trigger's ASR on the reserve; None otherwise).
+inverted trigger's ASR on the reserve; None otherwise), and ``rank_s`` (seconds of the ranking,
+the inversion included).
 
-Masks are persistent: a ``(C,)`` buffer ``linf_prune_mask`` registered on the site module plus a
-forward hook that multiplies the site's output by it. The buffer is part of ``state_dict``
-(``restore_masks`` re-attaches hooks to a fresh model before loading), the hook survives
-``copy.deepcopy`` and pickling (a module-level function reading the buffer of the module it is
-called on), and fine-tuning cannot revive a pruned channel: its output is multiplied by 0 after
-the activation, whatever the conv, norm or BatchNorm bias learn.
-
-Where the map is taken (found by tracing one forward pass with hooks, no per-model code):
-
-- The site is the first activation module called after the last conv's norm layer (or after
-  the conv itself when it has no norm), provided it is called once per forward and its output
-  has the norm's shape. Otherwise, the norm (or the conv) itself. A timm norm that owns its
-  activation (``BatchNormAct2d``) is the site directly: its output is already activated.
-- small_cnn: ``block3.0`` conv -> ``block3.1`` BN -> site ``block3.2`` (ReLU).
-- vgg16_bn: ``features.40`` conv -> ``features.41`` BN -> site ``features.42`` (ReLU).
-- nin: ``features.18`` conv (no norm) -> site ``features.19`` (ReLU).
-- resnet18: ``layer4.1.conv2`` -> ``layer4.1.bn2`` -> residual add -> site ``layer4.1.relu2``,
-  i.e. the block output (the notes' "ResNet-18 layer4 output"); masking it zeroes the whole
-  channel of the final feature map, shortcut included.
-- timm resnet18: the same, site ``net.layer4.1.act2``; timm efficientnet: site ``net.bn2``
-  (BatchNormAct2d).
-- preact_resnet18: ``layer4.1.conv2`` has no norm and no activation after it, and its output
-  is added to the shortcut before the residual stream is pooled. Masking the conv output would
-  leave the channel alive through the shortcut, so the site moves past the add: it is the
-  output of the outermost enclosing block of the same shape (``layer4``, the stage, kind
-  ``block``), i.e. the channel of the pooled feature map, as for ResNet-18 (the rule is
-  generic: whenever the site's map is not what the network finally carries at that shape).
-  The last conv of a ViT (the patch embedding) keeps the conv output as its site.
-- A model without any ``nn.Conv2d`` fails with a ``ConfigError`` naming ``model``.
+Where the map is taken and how masks persist: ``defenses/linf_sites.py``.
 
 Choices the paper does not fix (all [INF] in the notes) and deviations:
 
@@ -108,294 +84,56 @@ from __future__ import annotations
 import copy
 import logging
 import math
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+import time
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from attacks.inversion import invert_triggers, stamp, trigger_asr
-from benchmark.data import to_float
 from benchmark.errors import ConfigError
-from benchmark.models.base import ACTIVATION_TYPES, ImageClassifier
 from benchmark.seeding import derive_seed
-from benchmark.train import predict, resolve_device
 from benchmark.types import ImageSet
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
+from defenses.linf_scores import (  # re-exported
+    NORMS,
+    Ranking,
+    accuracy,
+    channel_norms,
+    prune_count,
+    rank_channels,
+    site_scores,
+)
+from defenses.linf_sites import (  # re-exported
+    MASK_BUFFER,
+    PruneSite,
+    find_site,
+    install_mask,
+    restore_masks,
+    set_pruned,
+)
+
+__all__ = [
+    "MASK_BUFFER",
+    "NORMS",
+    "RANKINGS",
+    "LinfPrune",
+    "PruneSite",
+    "Ranking",
+    "channel_norms",
+    "find_site",
+    "install_mask",
+    "prune_count",
+    "rank_channels",
+    "restore_masks",
+    "set_pruned",
+    "site_scores",
+]
 
 log = logging.getLogger(__name__)
 
 RANKINGS = ("clean_asc", "inverted_desc", "inverted_diff_desc")
-NORMS = ("linf", "l1", "l2")
-MASK_BUFFER = "linf_prune_mask"
-_ORD = {"linf": math.inf, "l1": 1.0, "l2": 2.0}
-
-
-# -- where to measure and mask ----------------------------------------------------------------
-@dataclass(frozen=True, eq=False)
-class PruneSite:
-    """The module whose output holds the last conv layer's channel maps.
-
-    Attributes:
-        name: the module's name in the model (what is hooked and masked).
-        module: the module.
-        conv_name: the last conv layer's name.
-        channels: its number of output channels.
-        kind: ``activation``, ``norm`` (possibly owning its activation), ``conv``, or ``block``
-            (the output of the block or stage that adds a shortcut to the conv's map).
-    """
-
-    name: str
-    module: nn.Module
-    conv_name: str
-    channels: int
-    kind: str
-
-
-def find_site(model: nn.Module) -> PruneSite:
-    """The site of ``model``'s last conv layer (see the module docstring for the rule)."""
-    if not isinstance(model, ImageClassifier):
-        raise TypeError(
-            "linf_prune needs a harness ImageClassifier (conv_layers()), got "
-            f"{type(model).__name__}"
-        )
-    convs = model.conv_layers()
-    if not convs:
-        raise ConfigError(
-            "model",
-            f"{type(model).__name__} has no nn.Conv2d layer: defense=linf_prune prunes the "
-            "channels of the last convolution",
-        )
-    last = convs[-1]
-    channels = int(last.conv.out_channels)
-    names = {m: n for n, m in model.named_modules()}
-    anchor = last.norm if last.norm is not None else last.conv
-    anchor_kind = "norm" if last.norm is not None else "conv"
-    if last.norm is not None and any(isinstance(m, ACTIVATION_TYPES) for m in last.norm.modules()):
-        return PruneSite(names[last.norm], last.norm, last.name, channels, "norm")
-
-    sites = {s.module: s for s in model.activation_sites()}
-    calls: list[tuple[nn.Module, tuple[int, ...] | None]] = []
-
-    def record(module: nn.Module, inputs: tuple, output: object) -> None:
-        shape = tuple(output.shape) if isinstance(output, Tensor) else None
-        calls.append((module, shape))
-
-    _probe(model, [anchor, *sites], record)
-    at = max(i for i, (m, _) in enumerate(calls) if m is anchor)
-    anchor_shape = calls[at][1]
-    nxt = next(((m, s) for m, s in calls[at + 1 :] if m in sites), None)
-    if nxt is not None and sites[nxt[0]].calls == 1 and nxt[1] == anchor_shape:
-        site = PruneSite(names[nxt[0]], nxt[0], last.name, channels, "activation")
-    elif anchor_shape is None or len(anchor_shape) != 4 or anchor_shape[1] != channels:
-        # e.g. a norm over a permuted layout: mask the conv output itself.
-        return PruneSite(last.name, last.conv, last.name, channels, "conv")
-    else:
-        site = PruneSite(names[anchor], anchor, last.name, channels, anchor_kind)
-    return _past_residual_add(model, site, names)
-
-
-def _past_residual_add(
-    model: ImageClassifier, site: PruneSite, names: dict[nn.Module, str]
-) -> PruneSite:
-    """Move ``site`` to the block output when a residual add follows it.
-
-    When the site's map is added to a shortcut afterwards (PreAct-ResNet's last ``conv2``,
-    which has no norm or activation after it), masking the site leaves the channel alive in
-    the residual stream that is pooled. The blocks containing the site return that stream: the
-    last of them whose output has the site's shape, when its output is a different tensor, is
-    the site instead (the stage that returns the block's output). Masking it zeroes the
-    channel of the final feature map, shortcut included, as masking ResNet-18's post-add ReLU
-    does.
-    """
-    calls: list[tuple[nn.Module, object]] = []
-
-    def record(module: nn.Module, inputs: tuple, output: object) -> None:
-        calls.append((module, output))
-
-    modules = [m for m in names if m is not model]
-    _probe(model, modules, record)
-    at = max(i for i, (m, _) in enumerate(calls) if m is site.module)
-    out = calls[at][1]
-    # Only the blocks containing the site can add a shortcut to it (not, e.g., a global pool
-    # that keeps a 1x1 map's shape).
-    ancestors = {m for m in modules if site.name.startswith(names[m] + ".")}
-    same = [
-        i
-        for i, (m, o) in enumerate(calls)
-        if i > at
-        and m in ancestors
-        and isinstance(o, Tensor)
-        and isinstance(out, Tensor)
-        and o.shape == out.shape
-    ]
-    if not same or calls[same[-1]][1] is out:
-        return site
-    module = calls[same[-1]][0]
-    if sum(m is module for m, _ in calls) != 1:
-        return site  # a shared module: its output is not one place in the network
-    return PruneSite(names[module], module, site.conv_name, site.channels, "block")
-
-
-def _probe(model: ImageClassifier, modules: list[nn.Module], hook: Callable[..., None]) -> None:
-    """One eval-mode forward pass of a probe batch with ``hook`` on ``modules``."""
-    handles = [m.register_forward_hook(hook) for m in modules]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(model.example_input(2))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-
-
-# -- persistent channel masks -------------------------------------------------------------------
-def _apply_mask(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-    """Forward hook: zero the pruned channels of ``output`` ``(N, C, ...)``."""
-    mask = getattr(module, MASK_BUFFER)
-    shape = (1, -1) + (1,) * (output.dim() - 2)
-    return output * mask.to(output.dtype).view(shape)
-
-
-def install_mask(module: nn.Module, channels: int) -> Tensor:
-    """Give ``module`` a ``(channels,)`` mask buffer of ones and the hook applying it (once).
-
-    Returns the buffer; write zeros into it to prune.
-    """
-    existing = getattr(module, MASK_BUFFER, None)
-    if existing is not None:
-        if existing.shape != (channels,):
-            raise ValueError(f"{MASK_BUFFER} has shape {tuple(existing.shape)}, not ({channels},)")
-        return existing
-    device = next(iter(module.buffers()), next(iter(module.parameters()), torch.empty(0))).device
-    module.register_buffer(MASK_BUFFER, torch.ones(channels, device=device))
-    module.register_forward_hook(_apply_mask)
-    return getattr(module, MASK_BUFFER)
-
-
-def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
-    """Install a mask wherever ``state_dict`` (of a pruned model) has one, so that
-    ``model.load_state_dict(state_dict)`` then restores the pruning. Returns the module names."""
-    suffix = "." + MASK_BUFFER
-    names = [k[: -len(suffix)] for k in state_dict if k.endswith(suffix)]
-    for name in names:
-        install_mask(model.get_submodule(name), int(state_dict[name + suffix].numel()))
-    return names
-
-
-def set_pruned(mask: Tensor, channels: Tensor) -> None:
-    """Mask exactly ``channels`` (int64 indices): zeros there, ones elsewhere."""
-    mask.fill_(1.0)
-    mask[channels.to(mask.device)] = 0.0
-
-
-# -- channel scores and ranking ---------------------------------------------------------------
-def channel_norms(maps: Tensor, norm: str = "linf") -> Tensor:
-    """Per-image, per-channel norm of the spatial maps: ``(N, C, H, W)`` -> ``(N, C)``.
-
-    ``linf`` = max over positions of ``|A|``, ``l1`` = sum of ``|A|``, ``l2`` = Euclidean norm.
-    """
-    if norm not in _ORD:
-        raise ValueError(f"norm must be one of {NORMS}, got {norm!r}")
-    return torch.linalg.vector_norm(maps.float().flatten(2), ord=_ORD[norm], dim=2)
-
-
-@torch.no_grad()
-def site_scores(
-    model: nn.Module,
-    site: nn.Module,
-    x: Tensor,
-    *,
-    norm: str = "linf",
-    transform: Callable[[Tensor], Tensor] | None = None,
-    device: torch.device | str = "cpu",
-    batch_size: int = 256,
-) -> Tensor:
-    """``channel_norms`` of ``site``'s output for every image of ``x`` (uint8 or float
-    ``(N, C, H, W)``), optionally transformed (e.g. stamped) first; ``(N, channels)`` on the CPU.
-    Eval mode, fp32."""
-    device = resolve_device(device)
-    out: list[Tensor] = []
-
-    def grab(module: nn.Module, inputs: tuple, output: Tensor) -> None:
-        out.append(channel_norms(output, norm).cpu())
-
-    handle = site.register_forward_hook(grab)
-    was_training = model.training
-    model.eval()
-    model.to(device)
-    try:
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i : i + batch_size].to(device)
-            xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
-            model(transform(xb) if transform is not None else xb)
-    finally:
-        handle.remove()
-        model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, 0)
-
-
-def rank_channels(scores: Tensor, descending: bool) -> Tensor:
-    """Channel indices in pruning order (stable: ties keep the lower index first)."""
-    return torch.sort(scores, descending=descending, stable=True).indices
-
-
-# -- the stop rule ------------------------------------------------------------------------------
-def prune_count(
-    acc_at: Callable[[int], float],
-    acc0: float,
-    n_max: int,
-    max_acc_drop: float,
-    asr_at: Callable[[int], float] | None = None,
-    stop_asr: float | None = None,
-) -> tuple[int, str]:
-    """How many channels to prune, trying ``k = 1, 2, ..., n_max`` in turn.
-
-    Args:
-        acc_at: clean accuracy with the first ``k`` ranked channels pruned.
-        acc0: clean accuracy of the unpruned model.
-        n_max: the fraction cap in channels.
-        max_acc_drop: the step whose accuracy drop from ``acc0`` exceeds this is not taken.
-        asr_at: the inverted trigger's ASR with ``k`` channels pruned (only with ``stop_asr``).
-        stop_asr: stop once ``asr_at(k) <= stop_asr`` (that step is kept); None = never.
-
-    Returns:
-        ``(k, reason)`` with ``reason`` in ``acc_budget``, ``asr``, ``max_fraction``.
-    """
-    for k in range(1, n_max + 1):
-        if acc0 - acc_at(k) > max_acc_drop + 1e-9:
-            return k - 1, "acc_budget"
-        if stop_asr is not None and asr_at is not None and asr_at(k) <= stop_asr:
-            return k, "asr"
-    return n_max, "max_fraction"
-
-
-def _accuracy(model: nn.Module, data: ImageSet, device: torch.device, batch_size: int) -> float:
-    pred = predict(model, data.x, device=device, batch_size=batch_size)
-    return int((pred == data.y.cpu()).sum()) / len(data)
-
-
-@dataclass(frozen=True, eq=False)
-class Ranking:
-    """A pruning order and how it was obtained.
-
-    Attributes:
-        order: ``(C,)`` channel indices in pruning order.
-        scores: ``(C,)`` the scores it sorts.
-        target: the inversion's chosen target (None for ``clean_asc``).
-        mask, pattern: the inverted trigger (None for ``clean_asc``).
-        fit_asr: the chosen trigger's fit ASR on the reserve.
-    """
-
-    order: Tensor
-    scores: Tensor
-    target: int | None = None
-    mask: Tensor | None = None
-    pattern: Tensor | None = None
-    fit_asr: float | None = None
 
 
 class LinfPrune(Defense):
@@ -423,7 +161,7 @@ class LinfPrune(Defense):
 
     def __init__(
         self,
-        ranking: str = "clean_asc",
+        ranking: str = "inverted_desc",
         norm: str = "linf",
         max_acc_drop: float = 0.04,
         max_fraction: float = 1.0,
@@ -597,13 +335,15 @@ class LinfPrune(Defense):
         )
 
         seed = derive_seed(ctx.seed, "inversion")
+        t0 = time.perf_counter()
         ranking = self.rank(
             model, site, data, num_classes=ctx.num_classes, device=device, seed=seed
         )
+        rank_s = time.perf_counter() - t0
 
         def acc_at(k: int) -> float:
             set_pruned(mask, ranking.order[:k])
-            return _accuracy(model, data, device, self.batch_size)
+            return accuracy(model, data, device, self.batch_size)
 
         def asr_at(k: int) -> float:
             set_pruned(mask, ranking.order[:k])
@@ -614,7 +354,7 @@ class LinfPrune(Defense):
         n_max = min(math.floor(self.max_fraction * site.channels + 1e-9), site.channels - 1)
         n, reason = prune_count(acc_at, acc0, n_max, self.max_acc_drop, asr_at, self.stop_asr)
         set_pruned(mask, ranking.order[:n])
-        acc_pruned = _accuracy(model, data, device, self.batch_size)
+        acc_pruned = accuracy(model, data, device, self.batch_size)
         asr_pruned = self._trigger_asr(model, data, ranking, device)
         log.info(
             "linf_prune: pruned %d/%d channels (%s); reserve accuracy %.4f -> %.4f",
@@ -635,7 +375,7 @@ class LinfPrune(Defense):
                 desc="linf_prune finetune",
             )
             model.eval()
-            acc_after = _accuracy(model, data, device, self.batch_size)
+            acc_after = accuracy(model, data, device, self.batch_size)
 
         extras: dict[str, Any] = {
             "layer": site.name,
@@ -655,6 +395,7 @@ class LinfPrune(Defense):
             "inversion_fit_asr": ranking.fit_asr,
             "inverted_asr_before": asr0,
             "inverted_asr_pruned": asr_pruned,
+            "rank_s": round(rank_s, 3),  # ranking, with the inversion for inverted_*
         }
         return DefenseResult(model=model, extras=extras)
 

@@ -2,7 +2,9 @@
 
 Zhao and Lao. "UltraClean: A Simple Framework to Train Robust Neural Networks against Backdoor
 Attacks." arXiv:2312.10657, 2023. Official code: github.com/bxz9200/UltraClean (commit eec1612),
-read only for the facts collected in ``defenses-ultraclean-none-linf.md`` section 1.
+read only for the facts collected in ``defenses-ultraclean-none-linf.md`` section 1. The
+denoised variants, the distances in both score spaces and the removed set are checked against
+the official functions on a fixed input (``tests/defenses/test_ultraclean_fidelity.py``).
 
 Threat model and stage: in-training. The defender trains the model, sees the whole (possibly
 poisoned) training set, needs no clean data and knows neither the trigger nor the poison rate;
@@ -23,13 +25,20 @@ when it is denoised and little on a clean one.
      (index ``size // 2`` of the sorted window). Computed as one call per chunk over
      ``(N, H, W, C)`` with size ``(1, 2, 2, C)``, which is the per-image call.
    - ``D2``, non-local means: OpenCV's ``fastNlMeansDenoisingColored`` with h 5, hColor 5,
-     template window 7 and search window 13, one image at a time in a thread pool (OpenCV
-     releases the GIL; its own threading is set to 1 meanwhile, as 32 x 32 images are too small
-     to split).
+     template window 7 and search window 13 on the RGB pixels as they are (all four official
+     scripts hand OpenCV RGB, which it reads as BGR), one image at a time in a thread pool
+     (OpenCV releases the GIL; its own threading is set to 1 meanwhile, as 32 x 32 images are
+     too small to split). The denoisers live in ``defenses/ultraclean_denoise.py``.
 3. **Susceptibility**: ``s_i = |g(x_i) - g(D1(x_i))|_1 + |g(x_i) - g(D2(x_i))|_1`` with ``g``
-   the model's softmax probabilities (``score_space: softmax``, the paper's wording and the
-   LCBD/HTBD scripts; the official dirty-label and SIG scripts use the raw logits,
-   ``score_space: logits``). The model is in eval mode, fp32, no augmentation.
+   the model's softmax probabilities (``score_space: softmax``) or its raw outputs
+   (``score_space: logits``), in eval mode, fp32, no augmentation. Which one follows the
+   official script of the attack's family, by config (the defense never sees the attack):
+   the dirty-label script (``dirty-label attacks/Denoise.py``, the BadNets/Blend VGG16 table)
+   L1-compares the raw VGG outputs, so ``conf/defense_attack/ultraclean_<attack>.yaml`` sets
+   ``logits`` for the dirty-label attacks ``badnets``, ``blend`` and ``wanet``; the clean-label
+   scripts LCBD (``model.softmax``) and HTBD (``scipy.special.softmax``) use probabilities, the
+   paper's wording, which is the default for every other attack (SIG's script feeds the net's
+   raw outputs, whose model file is not in the repository).
 4. **Filtering**: the top ``floor(removal_ratio * N)`` samples by score are removed (ties go to
    the lower index). In known-target mode (``known_target: <class>``) only the samples labelled
    with that class are denoised and scored, and the top ``floor(known_target_removal * n_class)``
@@ -41,8 +50,9 @@ Score space in practice: softmax distances saturate on samples the model is very
 a backdoored model is surest of its poisons. When a denoiser does not flip the poison's
 prediction (a solid patch survives the 2x2 median; SIG and Blend triggers are smooth), poisons
 then score *below* clean samples. Measured on mnist5k/small_cnn (whole-dataset AUROC, softmax
-vs logits): BadNets 0.23 vs 0.61, Blend 0.02 vs 0.94, SIG 0.03 vs 0.98. Where the official
-code used logits (dirty-label attacks, SIG), ``score_space: logits`` follows it.
+vs logits): BadNets 0.23 vs 0.61, Blend 0.02 vs 0.94, SIG 0.03 vs 0.98. Logit distances grow
+with the logit scale, so part of that is a confidence ranking rather than the denoising effect
+(fidelity review, Part 2b section 3.3).
 
 The result's ``train_flags`` are the removed samples and ``train_scores`` the susceptibilities.
 In known-target mode the samples of other classes are not scored; they get
@@ -70,10 +80,12 @@ Deviations from the official code:
 - One-channel data use OpenCV's grayscale NL-means (``fastNlMeansDenoising``, h 5, same
   windows); there the median window is ``2 x 2 x 1`` (4 values, the 3rd smallest). Other channel
   counts are rejected.
-- Colour images are handed to OpenCV in BGR order (its NL-means converts BGR to Lab); one
-  official script passes RGB. Pixels are the stored uint8 images, so no float truncation occurs.
-- Softmax is the default score space (see step 3); the logits of the dirty-label/SIG scripts are
-  ``score_space: logits``.
+- Pixels are the stored uint8 images. The official scripts cast float pixels with
+  ``astype(uint8)`` (truncation); for images read as uint8 that is exact (``v / 255 * 255``
+  is ``v`` in float64 for every ``v``), so only a poisoned image stored as floats (the official
+  additive Blend's ``clip(x + 0.2 k)``) can differ, by at most one level.
+- The score space is chosen per attack family by config (step 3), not per script; SIG uses
+  the harness default (softmax).
 - The scoring model and the retraining use the harness's recipe (last epoch), not the official
   dirty-label script's constant lr with best-test-accuracy checkpointing.
 - The bit-depth squeezer, which the official code computes but never uses to filter, is left out.
@@ -82,192 +94,48 @@ Deviations from the official code:
 from __future__ import annotations
 
 import logging
-import math
-import os
 import time
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
-import cv2
-import numpy as np
 import torch
-import torch.nn.functional as F
-from scipy import ndimage
-from torch import Tensor, nn
+from torch import Tensor
 
-from benchmark.data import to_float
 from benchmark.errors import ConfigError
 from benchmark.io import atomic_torch_save
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
 from defenses.checks import as_number, is_int, require
+from defenses.ultraclean_denoise import (  # re-exported: the denoisers are part of this API
+    available_cpus,
+    from_hwc,
+    median_smooth,
+    nl_means,
+    to_hwc,
+)
+from defenses.ultraclean_score import (  # re-exported
+    SCORE_SPACES,
+    ScoreSpace,
+    output_distances,
+    removal_count,
+    top_k_mask,
+)
+
+__all__ = [
+    "SCORE_SPACES",
+    "UNSCORED",
+    "UltraClean",
+    "available_cpus",
+    "from_hwc",
+    "median_smooth",
+    "nl_means",
+    "output_distances",
+    "removal_count",
+    "to_hwc",
+    "top_k_mask",
+]
 
 log = logging.getLogger(__name__)
 
-ScoreSpace = Literal["softmax", "logits"]
-SCORE_SPACES: tuple[str, ...] = ("softmax", "logits")
 UNSCORED = -1.0  # score of samples not scored in known-target mode: below any L1 distance
-
-
-# -- denoisers, on (N, H, W, C) uint8 arrays ----------------------------------------------------
-def median_smooth(x: np.ndarray, window: int = 2, chunk: int = 4096) -> np.ndarray:
-    """Median filter over a ``window x window x C`` window of each ``(H, W, C)`` image.
-
-    Args:
-        x: ``(N, H, W, C)`` uint8 pixels.
-        window: spatial size of the window (2 in the paper).
-        chunk: images per scipy call (bounds the temporary memory).
-
-    Returns:
-        ``(N, H, W, C)`` uint8, equal to ``median_filter(x[i], size=(window, window, C),
-        mode="reflect")`` for every image ``i``.
-    """
-    _check_images(x)
-    size = (1, window, window, x.shape[-1])  # 1 along N: images never mix
-    out = np.empty_like(x)
-    for i in range(0, x.shape[0], chunk):
-        out[i : i + chunk] = ndimage.median_filter(x[i : i + chunk], size=size, mode="reflect")
-    return out
-
-
-def nl_means(
-    x: np.ndarray,
-    *,
-    h: float = 5.0,
-    h_color: float = 5.0,
-    template: int = 7,
-    search: int = 13,
-    workers: int | None = None,
-) -> np.ndarray:
-    """OpenCV non-local means of every image: the colour variant for ``C = 3`` (RGB input,
-    handed to OpenCV as BGR), the grayscale one (``h`` only) for ``C = 1``.
-
-    Args:
-        x: ``(N, H, W, C)`` uint8 pixels, ``C`` 1 or 3.
-        h, h_color: filter strengths of luminance and colour.
-        template, search: template and search window sizes (odd).
-        workers: threads; None = the CPUs this process may use.
-
-    Returns:
-        ``(N, H, W, C)`` uint8.
-    """
-    _check_images(x)
-    n, c = x.shape[0], x.shape[-1]
-    if c not in (1, 3):
-        raise ValueError(f"NL-means needs 1 or 3 channels, got {c}")
-    out = np.empty_like(x)
-
-    def denoise(lo: int, hi: int) -> None:
-        for i in range(lo, hi):
-            if c == 3:
-                bgr = np.ascontiguousarray(x[i, :, :, ::-1])
-                res = cv2.fastNlMeansDenoisingColored(bgr, None, h, h_color, template, search)
-                out[i] = res[:, :, ::-1]
-            else:
-                gray = np.ascontiguousarray(x[i, :, :, 0])
-                out[i, :, :, 0] = cv2.fastNlMeansDenoising(gray, None, h, template, search)
-
-    workers = max(1, min(workers or available_cpus(), n))
-    # Contiguous chunks, several per worker so an uneven share of slow images evens out.
-    bounds = np.linspace(0, n, min(n, 8 * workers) + 1).astype(int)
-    previous = cv2.getNumThreads()
-    cv2.setNumThreads(1)  # parallel over images instead of inside one tiny image
-    try:
-        if workers == 1:
-            denoise(0, n)
-        else:
-            with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(denoise, bounds[:-1], bounds[1:]))
-    finally:
-        cv2.setNumThreads(previous)
-    return out
-
-
-def available_cpus() -> int:
-    """CPUs this process may run on (its affinity mask where the OS has one)."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return max(1, os.cpu_count() or 1)
-
-
-def _check_images(x: np.ndarray) -> None:
-    if x.dtype != np.uint8 or x.ndim != 4:
-        raise TypeError(f"expected (N, H, W, C) uint8 images, got {x.dtype} {x.shape}")
-
-
-def to_hwc(x: Tensor) -> np.ndarray:
-    """``(N, C, H, W)`` uint8 tensor (any device) -> ``(N, H, W, C)`` uint8 array."""
-    return np.ascontiguousarray(x.detach().cpu().permute(0, 2, 3, 1).numpy())
-
-
-def from_hwc(a: np.ndarray) -> Tensor:
-    """``(N, H, W, C)`` uint8 array -> ``(N, C, H, W)`` uint8 CPU tensor."""
-    return torch.from_numpy(a).permute(0, 3, 1, 2).contiguous()
-
-
-# -- score and removal --------------------------------------------------------------------------
-@torch.no_grad()
-def output_distances(
-    model: nn.Module,
-    x: Tensor,
-    variants: Sequence[Tensor],
-    *,
-    space: ScoreSpace = "softmax",
-    device: str | torch.device = "cpu",
-    batch_size: int = 512,
-) -> Tensor:
-    """L1 distance between the model's outputs on ``x`` and on each variant.
-
-    Args:
-        model: the scoring model; run in eval mode (its mode is restored) in fp32.
-        x: ``(N, C, H, W)`` uint8 images.
-        variants: tensors like ``x`` (the denoised images).
-        space: ``softmax`` (probabilities) or ``logits`` (raw outputs).
-        device: where the model runs.
-        batch_size: images per forward pass (the original and its variants go together).
-
-    Returns:
-        ``(N, len(variants))`` float32 CPU distances.
-    """
-    if space not in SCORE_SPACES:
-        raise ValueError(f"space must be one of {SCORE_SPACES}, got {space!r}")
-    device = torch.device(device)
-    was_training = model.training
-    model.to(device).eval()
-    out: list[Tensor] = []
-    try:
-        for i in range(0, x.shape[0], batch_size):
-            views = [x[i : i + batch_size], *(v[i : i + batch_size] for v in variants)]
-            batch = torch.cat([to_float(v.to(device)) for v in views])
-            g = model(batch).float()
-            if space == "softmax":
-                g = F.softmax(g, dim=1)
-            g = g.view(len(views), -1, g.shape[1])
-            out.append((g[:1] - g[1:]).abs().sum(dim=2).T.cpu())
-    finally:
-        model.train(was_training)
-    if not out:
-        return torch.zeros(0, len(variants))
-    return torch.cat(out)
-
-
-def removal_count(fraction: float, n: int) -> int:
-    """``floor(fraction * n)``, robust to float error (0.29 * 100 is 28.999999999999996)."""
-    return math.floor(fraction * n + 1e-9)
-
-
-def top_k_mask(scores: Tensor, k: int, eligible: Tensor | None = None) -> Tensor:
-    """``(N,)`` bool mask of the ``k`` highest ``scores`` among the ``eligible`` samples (all by
-    default); ties go to the lower index."""
-    scores = scores.detach().double().cpu()
-    eligible = torch.ones_like(scores, dtype=torch.bool) if eligible is None else eligible.cpu()
-    if not 0 <= k <= int(eligible.sum()):
-        raise ValueError(f"cannot pick {k} of {int(eligible.sum())} eligible samples")
-    ranked = scores.masked_fill(~eligible, -math.inf)
-    order = torch.sort(-ranked, stable=True).indices
-    mask = torch.zeros(scores.shape[0], dtype=torch.bool)
-    mask[order[:k]] = True
-    return mask
 
 
 # -- the defense --------------------------------------------------------------------------------

@@ -188,7 +188,7 @@ PAPER_SETTINGS: dict[str, tuple[str, str, list[str], dict[str, Any]]] = {
     "ultraclean_cifar10": (
         "vgg16_bn",
         "cifar10",
-        ["attack=blend", "defense=ultraclean"],
+        ["attack_setting=ultraclean/blend", "defense=ultraclean"],
         {
             "attack.poison_rate": 0.1,
             "attack.target_class": 1,
@@ -324,7 +324,8 @@ RUN_CELLS: dict[str, list[str]] = {
     "smoke_all": ["attack=sig", "defense=linf_prune"],
     "badnets_seeds": ["seed=1"],
     "cifar10_cpu": ["cell=badnets__mmbm"],
-    "ultraclean_cifar10": ["attack=blend", "defense=ultraclean"],
+    # BadNets: the Blend cell needs attack.formula (helper H3's branch).
+    "ultraclean_cifar10": ["attack_setting=ultraclean/badnets", "defense=ultraclean"],
     "ultraclean_cifar10_clean_label": [
         "defense.removal_ratio=0.3",
         "attack.steps=2",

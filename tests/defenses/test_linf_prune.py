@@ -279,7 +279,7 @@ def test_stop_rule_inverted_asr() -> None:
         ({"max_acc_drop": -0.1}, "defense.max_acc_drop"),
         ({"max_fraction": 1.5}, "defense.max_fraction"),
         ({"reserve_share": 0.0}, "defense.reserve_share"),
-        ({"stop_asr": 0.05}, "defense.stop_asr"),  # clean_asc has no trigger
+        ({"ranking": "clean_asc", "stop_asr": 0.05}, "defense.stop_asr"),  # no trigger
         ({"ranking": "inverted_desc", "stop_asr": 2.0}, "defense.stop_asr"),
         ({"finetune_epochs": -1}, "defense.finetune_epochs"),
         ({"finetune_epochs": 1.5}, "defense.finetune_epochs"),
@@ -321,7 +321,9 @@ def test_run_prunes_a_copy_within_budget(finetune_epochs: int, tmp_path: Path) -
     clean = toy_set(n=64, num_classes=4, shape=(3, 12, 12))
     fit(model, clean, RECIPE, progress=False)
     state = copy.deepcopy(model.state_dict())
-    defense = LinfPrune(max_acc_drop=0.1, max_fraction=0.5, finetune_epochs=finetune_epochs)
+    defense = LinfPrune(
+        ranking="clean_asc", max_acc_drop=0.1, max_fraction=0.5, finetune_epochs=finetune_epochs
+    )
     result = defense.run(make_ctx(model, clean, tmp_path))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # input intact
     assert not hasattr(model.block3[2], MASK_BUFFER)
@@ -335,6 +337,24 @@ def test_run_prunes_a_copy_within_budget(finetune_epochs: int, tmp_path: Path) -
     maps = grab(result.model, result.model.block3[2], torch.rand(4, 3, 12, 12))
     assert (maps[:, mask == 0] == 0).all()
     assert ex["inversion_target"] is None and ex["ranking"] == "clean_asc"
+
+
+def test_default_run_inverts_a_trigger_and_reports_it(tmp_path: Path) -> None:
+    """The default ranking (inverted_desc) inverts a trigger on the reserve first."""
+    model = small_cnn()
+    clean = toy_set(n=64, num_classes=4, shape=(3, 12, 12))
+    fit(model, clean, RECIPE, progress=False)
+    defense = LinfPrune(max_acc_drop=0.1, max_fraction=0.5, inversion_steps=3)
+    assert defense.ranking == "inverted_desc"
+    ex = defense.run(make_ctx(model, clean, tmp_path)).extras
+    assert ex["ranking"] == "inverted_desc" and ex["inversion_target"] in range(4)
+    assert 0.0 <= ex["inversion_fit_asr"] <= 1.0 and ex["inverted_asr_before"] is not None
+    assert ex["rank_s"] >= 0.0
+
+
+def test_the_config_default_is_the_inverted_ranking() -> None:
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/defense/linf_prune.yaml")
+    assert cfg.ranking == "inverted_desc" and cfg.norm == "linf" and cfg.max_acc_drop == 0.04
 
 
 # -- the mechanism (slow) ---------------------------------------------------------------------
@@ -444,3 +464,14 @@ def test_mechanism_trigger_channels_rank_first(tmp_path: Path) -> None:
         assert real_trigger_asr(model, data) == 1.0  # the input model is untouched
     finally:
         torch.set_num_threads(threads)
+
+
+def test_smoke_size_bounds_the_inversion(tmp_path: Path) -> None:
+    """debug=smoke (and smoke_all) shrink the default ranking's inversion to 30 steps of 16."""
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(["defense=linf_prune", "debug=smoke"], tmp_path)
+    assert (cfg.defense.inversion_steps, cfg.defense.inversion_batch_size) == (30, 16)
+    cfg = compose_cfg(["defense=linf_prune"], tmp_path)  # mnist5k tuning, no smoke
+    assert (cfg.defense.inversion_steps, cfg.defense.inversion_batch_size) == (100, 16)
+    assert cfg.defense.inversion_target is None  # the defender does not know the target

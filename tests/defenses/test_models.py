@@ -45,7 +45,12 @@ TOY: dict[str, dict[str, Any]] = {
         "c_every": 1,
     },
     "mmbm": {"per_class": 2, "epochs": 2, "batch_size": 8},
-    "linf_prune": {"finetune_epochs": 1, "max_fraction": 0.05},
+    "linf_prune": {
+        "finetune_epochs": 1,
+        "max_fraction": 0.05,
+        "inversion_steps": 2,
+        "inversion_batch_size": 8,
+    },
     "ultraclean": {"batch_size": 8, "workers": 1},
     "NONE": {"rounds": 1, "finetune_epochs": 1, "finetune_batch_size": 8},
 }

@@ -23,6 +23,7 @@ from benchmark.models.preact_resnet18 import PreActResNet18
 from benchmark.models.resnet18 import ResNet18
 from benchmark.models.small_cnn import SmallCNN
 from benchmark.models.vgg16_bn import VGG16BN
+from benchmark.pipeline import instantiate_entry
 from benchmark.seeding import generator
 from benchmark.train import fit, predict
 from benchmark.types import ImageSet
@@ -40,7 +41,7 @@ from defenses.none import (
     summed_activation,
     top_channels,
 )
-from tests.conftest import toy_set
+from tests.conftest import compose_cfg, toy_set
 from tests.defenses.toys import KW, RECIPE
 
 
@@ -539,7 +540,9 @@ def test_run_fine_tunes_with_frozen_norms_and_the_resets_kept(tmp_path: Path) ->
     model = small_cnn()
     fit(model, data, RECIPE, progress=False)
     state = copy.deepcopy(model.state_dict())
-    defense = NONE(reset_fraction=0.25, finetune_epochs=2, finetune_lr=0.05)
+    defense = NONE(
+        reset_fraction=0.25, finetune_epochs=2, finetune_lr=0.05, freeze_norm_affine=True
+    )
     # What the round resets, computed on a copy the same way.
     expected = copy.deepcopy(model)
     sites = reset_sites(expected)
@@ -558,6 +561,23 @@ def test_run_fine_tunes_with_frozen_norms_and_the_resets_kept(tmp_path: Path) ->
     for name, conv in (("block1", result.model.block1[0]), ("block2", result.model.block2[0])):
         ch = report.reset[f"{name}.0"]
         assert torch.equal(conv.weight[ch], torch.zeros_like(conv.weight[ch]))
+
+
+def test_default_fine_tuning_trains_norm_affine_but_not_running_stats(tmp_path: Path) -> None:
+    """The official ``fix_bn``: BatchNorm in eval mode (running statistics fixed) while its
+    weight and bias train, so a reset channel's BN parameters may regrow."""
+    torch.manual_seed(0)
+    data = toy_set(n=96, num_classes=4, shape=(3, 12, 12))
+    model = small_cnn()
+    fit(model, data, RECIPE, progress=False)
+    defense = NONE(reset_fraction=0.25, finetune_epochs=2, finetune_lr=0.05)
+    assert (defense.freeze_norm_affine, defense.flag_break_value) == (False, True)
+    before = copy.deepcopy(model).state_dict()
+    after = defense.run(make_ctx(model, data, tmp_path)).model.state_dict()
+    for key in ("block1.1.running_mean", "block2.1.running_var", "block3.1.running_mean"):
+        assert torch.equal(after[key], before[key]), key
+    for key in ("block1.1.weight", "block2.1.bias"):
+        assert not torch.equal(after[key], before[key]), key
 
 
 def test_run_reports_flags_scores_and_plain_extras(tmp_path: Path) -> None:
@@ -735,7 +755,11 @@ def test_mechanism_switch_channel_ranks_first_and_jenks_finds_its_samples(
     sites = reset_sites(model)
     assert [s.name for s in sites] == ["conv1", "conv2"]
     assert [c.name for c in sites[0].consumers] == ["conv2"] and sites[1].consumers == ()
-    defense = NONE(reset_fraction=1 / 6, finetune_epochs=1)
+    # The upper Jenks class only and frozen norm weights: the exact poisons are flagged and the
+    # reset stays zero (the defaults, the official rules, add the break sample and let BN regrow).
+    defense = NONE(
+        reset_fraction=1 / 6, finetune_epochs=1, flag_break_value=False, freeze_norm_affine=True
+    )
     report = defense.analyse(model, sites, data, num_classes=3, device=torch.device("cpu"))
     for name in ("conv1", "conv2"):
         scores = report.scores[name]
@@ -766,3 +790,45 @@ def test_mechanism_switch_channel_ranks_first_and_jenks_finds_its_samples(
     triggered = to_uint8(stamp(x_clean[data.y[clean] != 2]))
     assert float((predict(m, triggered) == 2).float().mean()) == 0.0
     assert float((predict(model, triggered) == 2).float().mean()) == 1.0  # input untouched
+
+
+# -- the config and the paper experiments ---------------------------------------------------------
+def test_the_config_holds_the_official_defaults() -> None:
+    cfg = OmegaConf.load(Path(__file__).resolve().parents[2] / "conf/defense/NONE.yaml")
+    d = NONE(**{k: v for k, v in OmegaConf.to_container(cfg).items() if k != "_target_"})
+    assert (d.reset_fraction, d.rounds, d.finetune_epochs, d.finetune_lr) == (0.03, 1, 20, 1e-4)
+    assert (d.lambda_low, d.lambda_high, d.n_std, d.detect_fraction) == (0.1, 0.9, 3.0, None)
+    assert (d.freeze_norm_affine, d.flag_break_value, d.exclude_flagged) == (False, True, True)
+    assert (d.finetune_momentum, d.finetune_weight_decay, d.finetune_batch_size) == (
+        0.9,
+        1e-4,
+        128,
+    )
+
+
+@pytest.mark.parametrize("defense", ["undefended", "NONE"])
+def test_injected_experiment_is_the_readme_command(defense: str, tmp_path: Path) -> None:
+    cfg = compose_cfg(["experiment=none_cifar10", f"defense={defense}"], tmp_path)
+    assert cfg.model._target_.endswith("ResNet18") and cfg.dataset._target_.endswith("CIFAR10")
+    assert (cfg.attack.poison_rate, cfg.attack.target_class, cfg.attack.size) == (0.05, 0, 3)
+    assert cfg.attack.pattern == "square" and cfg.defense_data.clean_fraction == 0.0
+    assert (cfg.train.epochs, cfg.train.lr, list(cfg.train.scheduler.milestones)) == (
+        200,
+        0.1,
+        [80, 160],
+    )
+    built = instantiate_entry(cfg.defense, "defense")
+    if defense == "NONE":
+        assert (built.reset_fraction, built.rounds, built.finetune_epochs) == (0.03, 1, 20)
+        assert built.finetune_lr == 1e-4 and built.exclude_flagged
+
+
+@pytest.mark.parametrize("defense", ["undefended", "NONE"])
+def test_natural_experiment_is_the_readme_command(defense: str, tmp_path: Path) -> None:
+    cfg = compose_cfg(["experiment=none_natural_cifar10", f"defense={defense}"], tmp_path)
+    assert cfg.model._target_.endswith("NiN") and cfg.attack._target_.endswith("Natural")
+    assert cfg.train.optimizer.momentum == 0.95 and cfg.defense_data.clean_fraction == 0.0
+    built = instantiate_entry(cfg.defense, "defense")
+    if defense == "NONE":
+        assert (built.reset_fraction, built.rounds, built.finetune_epochs) == (0.2, 10, 40)
+        assert not built.exclude_flagged  # poison_type none: nothing removed

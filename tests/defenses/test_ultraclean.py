@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from benchmark import metrics
 from benchmark.errors import ConfigError
 from benchmark.models.small_cnn import SmallCNN
+from benchmark.pipeline import instantiate_entry
 from benchmark.train import Augment, FitResult, fit, predict
 from benchmark.types import ImageSet
 from defenses.base import DefenseContext
@@ -36,7 +37,7 @@ from defenses.ultraclean import (
     to_hwc,
     top_k_mask,
 )
-from tests.conftest import toy_set
+from tests.conftest import compose_cfg, toy_set
 
 
 # -- median smoothing ---------------------------------------------------------------------------
@@ -99,7 +100,8 @@ def test_median_mixes_channels_and_removes_an_isolated_dot() -> None:
 
 
 # -- non-local means ----------------------------------------------------------------------------
-def test_nl_means_colour_is_opencv_on_bgr_and_thread_count_free() -> None:
+def test_nl_means_colour_is_opencv_on_rgb_as_given_and_thread_count_free() -> None:
+    """The official scripts hand OpenCV the RGB array as it is (no BGR conversion)."""
     rng = np.random.default_rng(1)
     x = rng.integers(0, 256, size=(5, 10, 12, 3), dtype=np.uint8)
     x[..., 0] //= 2  # unequal channels, so the channel order matters
@@ -108,9 +110,11 @@ def test_nl_means_colour_is_opencv_on_bgr_and_thread_count_free() -> None:
     assert cv2.getNumThreads() == before  # OpenCV's own threading is restored
     assert out.dtype == np.uint8 and out.shape == x.shape
     for i in range(len(x)):
-        bgr = np.ascontiguousarray(x[i, :, :, ::-1])
-        ref = cv2.fastNlMeansDenoisingColored(bgr, None, 5.0, 5.0, 7, 13)[:, :, ::-1]
+        ref = cv2.fastNlMeansDenoisingColored(np.ascontiguousarray(x[i]), None, 5.0, 5.0, 7, 13)
         assert np.array_equal(out[i], ref)
+        bgr = np.ascontiguousarray(x[i, :, :, ::-1])
+        swapped = cv2.fastNlMeansDenoisingColored(bgr, None, 5.0, 5.0, 7, 13)[:, :, ::-1]
+        assert not np.array_equal(out[i], swapped)  # the order matters on this input
     assert np.array_equal(nl_means(x, workers=1), out)
 
 
@@ -269,6 +273,25 @@ def test_the_config_holds_the_papers_defaults() -> None:
     )
     assert (defense.median_window, defense.nl_means_h, defense.nl_means_h_color) == (2, 5.0, 5.0)
     assert (defense.nl_means_template, defense.nl_means_search) == (7, 13)
+
+
+@pytest.mark.parametrize(
+    ("attack", "space"),
+    [
+        ("badnets", "logits"),  # dirty-label: the official dirty-label Denoise.py's raw outputs
+        ("blend", "logits"),
+        ("wanet", "logits"),
+        ("sig", "softmax"),  # clean-label and the rest: the harness default (LCBD/HTBD softmax)
+        ("label_consistent", "softmax"),
+        ("natural", "softmax"),
+    ],
+)
+def test_score_space_follows_the_attack_family_by_config(
+    attack: str, space: str, tmp_path: Path
+) -> None:
+    cfg = compose_cfg([f"attack={attack}", "defense=ultraclean"], tmp_path)
+    assert cfg.defense.score_space == space
+    assert compose_cfg([f"attack={attack}", "defense=NONE"], tmp_path).attack == cfg.attack
 
 
 # -- the defense on toy data --------------------------------------------------------------------
@@ -493,3 +516,54 @@ def test_poisoned_samples_are_the_most_susceptible(tmp_path: Path) -> None:
     acc = (predict(result.model, xt) == yt).float().mean().item()
     asr_after = (predict(result.model, with_dots(xt[keep])) == 0).float().mean().item()
     assert acc > 0.8 and asr_after < 0.2
+
+
+# -- the paper experiments (compose only: the Blend cell needs helper H3's attack.formula) ---
+@pytest.mark.parametrize("defense", ["undefended", "ultraclean"])
+@pytest.mark.parametrize("attack", ["badnets", "blend"])
+def test_dirty_label_experiment_is_the_official_setting(
+    attack: str, defense: str, tmp_path: Path
+) -> None:
+    cfg = compose_cfg(
+        [
+            "experiment=ultraclean_cifar10",
+            f"attack_setting=ultraclean/{attack}",
+            f"defense={defense}",
+            "paths.hello_kitty=/k/hello_kitty.jpeg",
+        ],
+        tmp_path,
+    )
+    assert cfg.model._target_.endswith("VGG16BN") and cfg.dataset._target_.endswith("CIFAR10")
+    assert (cfg.attack.target_class, cfg.attack.poison_rate, cfg.attack.mode) == (1, 0.1, "all2one")
+    assert cfg.defense_data.clean_fraction == 0.0  # all 50,000 images, as the official code
+    assert (cfg.train.epochs, cfg.train.lr, cfg.train.scheduler) == (200, 0.1, None)
+    assert (cfg.train.optimizer.momentum, cfg.train.optimizer.weight_decay) == (0.9, 5e-4)
+    if attack == "badnets":
+        assert cfg.attack._target_ == "attacks.badnets.BadNets"
+        assert (cfg.attack.pattern, cfg.attack.size, cfg.attack.position) == (
+            "checker",
+            3,
+            "bottom_right",
+        )
+        instantiate_entry(cfg.attack, "attack").validate(10, (3, 32, 32), 50000)
+    else:
+        assert cfg.attack._target_ == "attacks.blend.Blend"
+        assert (cfg.attack.formula, cfg.attack.alpha, cfg.attack.test_alpha) == (
+            "additive",
+            0.2,
+            0.2,
+        )
+        assert cfg.attack.key_path == "/k/hello_kitty.jpeg"
+    built = instantiate_entry(cfg.defense, "defense")  # no key meant for another defense
+    if defense == "ultraclean":
+        assert (built.score_space, built.removal_ratio, built.known_target) == ("logits", 0.3, None)
+
+
+def test_clean_label_experiment_scores_on_softmax(tmp_path: Path) -> None:
+    cfg = compose_cfg(
+        ["experiment=ultraclean_cifar10_clean_label", "defense.removal_ratio=0.05"], tmp_path
+    )
+    built = instantiate_entry(cfg.defense, "defense")
+    assert (built.score_space, built.removal_ratio) == ("softmax", 0.05)
+    assert cfg.attack._target_ == "attacks.label_consistent.LabelConsistent"
+    assert cfg.defense_data.clean_fraction == 0.0

@@ -1,0 +1,205 @@
+"""Where ``defense=linf_prune`` measures and masks the last conv layer's channels.
+
+Masks are persistent: a ``(C,)`` buffer ``linf_prune_mask`` registered on the site module plus a
+forward hook that multiplies the site's output by it. The buffer is part of ``state_dict``
+(``restore_masks`` re-attaches hooks to a fresh model before loading), the hook survives
+``copy.deepcopy`` and pickling (a module-level function reading the buffer of the module it is
+called on), and fine-tuning cannot revive a pruned channel: its output is multiplied by 0 after
+the activation, whatever the conv, norm or BatchNorm bias learn.
+
+Where the map is taken (found by tracing one forward pass with hooks, no per-model code):
+
+- The site is the first activation module called after the last conv's norm layer (or after
+  the conv itself when it has no norm), provided it is called once per forward and its output
+  has the norm's shape. Otherwise, the norm (or the conv) itself. A timm norm that owns its
+  activation (``BatchNormAct2d``) is the site directly: its output is already activated.
+- small_cnn: ``block3.0`` conv -> ``block3.1`` BN -> site ``block3.2`` (ReLU).
+- vgg16_bn: ``features.40`` conv -> ``features.41`` BN -> site ``features.42`` (ReLU).
+- nin: ``features.18`` conv (no norm) -> site ``features.19`` (ReLU).
+- resnet18: ``layer4.1.conv2`` -> ``layer4.1.bn2`` -> residual add -> site ``layer4.1.relu2``,
+  i.e. the block output (the notes' "ResNet-18 layer4 output"); masking it zeroes the whole
+  channel of the final feature map, shortcut included.
+- timm resnet18: the same, site ``net.layer4.1.act2``; timm efficientnet: site ``net.bn2``
+  (BatchNormAct2d).
+- preact_resnet18: ``layer4.1.conv2`` has no norm and no activation after it, and its output
+  is added to the shortcut before the residual stream is pooled. Masking the conv output would
+  leave the channel alive through the shortcut, so the site moves past the add: it is the
+  output of the outermost enclosing block of the same shape (``layer4``, the stage, kind
+  ``block``), i.e. the channel of the pooled feature map, as for ResNet-18 (the rule is
+  generic: whenever the site's map is not what the network finally carries at that shape).
+  The last conv of a ViT (the patch embedding) keeps the conv output as its site.
+- A model without any ``nn.Conv2d`` fails with a ``ConfigError`` naming ``model``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from benchmark.errors import ConfigError
+from benchmark.models.base import ACTIVATION_TYPES, ImageClassifier
+
+MASK_BUFFER = "linf_prune_mask"
+
+
+# -- where to measure and mask ----------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class PruneSite:
+    """The module whose output holds the last conv layer's channel maps.
+
+    Attributes:
+        name: the module's name in the model (what is hooked and masked).
+        module: the module.
+        conv_name: the last conv layer's name.
+        channels: its number of output channels.
+        kind: ``activation``, ``norm`` (possibly owning its activation), ``conv``, or ``block``
+            (the output of the block or stage that adds a shortcut to the conv's map).
+    """
+
+    name: str
+    module: nn.Module
+    conv_name: str
+    channels: int
+    kind: str
+
+
+def find_site(model: nn.Module) -> PruneSite:
+    """The site of ``model``'s last conv layer (see the module docstring for the rule)."""
+    if not isinstance(model, ImageClassifier):
+        raise TypeError(
+            "linf_prune needs a harness ImageClassifier (conv_layers()), got "
+            f"{type(model).__name__}"
+        )
+    convs = model.conv_layers()
+    if not convs:
+        raise ConfigError(
+            "model",
+            f"{type(model).__name__} has no nn.Conv2d layer: defense=linf_prune prunes the "
+            "channels of the last convolution",
+        )
+    last = convs[-1]
+    channels = int(last.conv.out_channels)
+    names = {m: n for n, m in model.named_modules()}
+    anchor = last.norm if last.norm is not None else last.conv
+    anchor_kind = "norm" if last.norm is not None else "conv"
+    if last.norm is not None and any(isinstance(m, ACTIVATION_TYPES) for m in last.norm.modules()):
+        return PruneSite(names[last.norm], last.norm, last.name, channels, "norm")
+
+    sites = {s.module: s for s in model.activation_sites()}
+    calls: list[tuple[nn.Module, tuple[int, ...] | None]] = []
+
+    def record(module: nn.Module, inputs: tuple, output: object) -> None:
+        shape = tuple(output.shape) if isinstance(output, Tensor) else None
+        calls.append((module, shape))
+
+    _probe(model, [anchor, *sites], record)
+    at = max(i for i, (m, _) in enumerate(calls) if m is anchor)
+    anchor_shape = calls[at][1]
+    nxt = next(((m, s) for m, s in calls[at + 1 :] if m in sites), None)
+    if nxt is not None and sites[nxt[0]].calls == 1 and nxt[1] == anchor_shape:
+        site = PruneSite(names[nxt[0]], nxt[0], last.name, channels, "activation")
+    elif anchor_shape is None or len(anchor_shape) != 4 or anchor_shape[1] != channels:
+        # e.g. a norm over a permuted layout: mask the conv output itself.
+        return PruneSite(last.name, last.conv, last.name, channels, "conv")
+    else:
+        site = PruneSite(names[anchor], anchor, last.name, channels, anchor_kind)
+    return _past_residual_add(model, site, names)
+
+
+def _past_residual_add(
+    model: ImageClassifier, site: PruneSite, names: dict[nn.Module, str]
+) -> PruneSite:
+    """Move ``site`` to the block output when a residual add follows it.
+
+    When the site's map is added to a shortcut afterwards (PreAct-ResNet's last ``conv2``,
+    which has no norm or activation after it), masking the site leaves the channel alive in
+    the residual stream that is pooled. The blocks containing the site return that stream: the
+    last of them whose output has the site's shape, when its output is a different tensor, is
+    the site instead (the stage that returns the block's output). Masking it zeroes the
+    channel of the final feature map, shortcut included, as masking ResNet-18's post-add ReLU
+    does.
+    """
+    calls: list[tuple[nn.Module, object]] = []
+
+    def record(module: nn.Module, inputs: tuple, output: object) -> None:
+        calls.append((module, output))
+
+    modules = [m for m in names if m is not model]
+    _probe(model, modules, record)
+    at = max(i for i, (m, _) in enumerate(calls) if m is site.module)
+    out = calls[at][1]
+    # Only the blocks containing the site can add a shortcut to it (not, e.g., a global pool
+    # that keeps a 1x1 map's shape).
+    ancestors = {m for m in modules if site.name.startswith(names[m] + ".")}
+    same = [
+        i
+        for i, (m, o) in enumerate(calls)
+        if i > at
+        and m in ancestors
+        and isinstance(o, Tensor)
+        and isinstance(out, Tensor)
+        and o.shape == out.shape
+    ]
+    if not same or calls[same[-1]][1] is out:
+        return site
+    module = calls[same[-1]][0]
+    if sum(m is module for m, _ in calls) != 1:
+        return site  # a shared module: its output is not one place in the network
+    return PruneSite(names[module], module, site.conv_name, site.channels, "block")
+
+
+def _probe(model: ImageClassifier, modules: list[nn.Module], hook: Callable[..., None]) -> None:
+    """One eval-mode forward pass of a probe batch with ``hook`` on ``modules``."""
+    handles = [m.register_forward_hook(hook) for m in modules]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(model.example_input(2))
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+
+
+# -- persistent channel masks -------------------------------------------------------------------
+def _apply_mask(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
+    """Forward hook: zero the pruned channels of ``output`` ``(N, C, ...)``."""
+    mask = getattr(module, MASK_BUFFER)
+    shape = (1, -1) + (1,) * (output.dim() - 2)
+    return output * mask.to(output.dtype).view(shape)
+
+
+def install_mask(module: nn.Module, channels: int) -> Tensor:
+    """Give ``module`` a ``(channels,)`` mask buffer of ones and the hook applying it (once).
+
+    Returns the buffer; write zeros into it to prune.
+    """
+    existing = getattr(module, MASK_BUFFER, None)
+    if existing is not None:
+        if existing.shape != (channels,):
+            raise ValueError(f"{MASK_BUFFER} has shape {tuple(existing.shape)}, not ({channels},)")
+        return existing
+    device = next(iter(module.buffers()), next(iter(module.parameters()), torch.empty(0))).device
+    module.register_buffer(MASK_BUFFER, torch.ones(channels, device=device))
+    module.register_forward_hook(_apply_mask)
+    return getattr(module, MASK_BUFFER)
+
+
+def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
+    """Install a mask wherever ``state_dict`` (of a pruned model) has one, so that
+    ``model.load_state_dict(state_dict)`` then restores the pruning. Returns the module names."""
+    suffix = "." + MASK_BUFFER
+    names = [k[: -len(suffix)] for k in state_dict if k.endswith(suffix)]
+    for name in names:
+        install_mask(model.get_submodule(name), int(state_dict[name + suffix].numel()))
+    return names
+
+
+def set_pruned(mask: Tensor, channels: Tensor) -> None:
+    """Mask exactly ``channels`` (int64 indices): zeros there, ones elsewhere."""
+    mask.fill_(1.0)
+    mask[channels.to(mask.device)] = 0.0
