@@ -15,7 +15,7 @@ from benchmark.data import to_float
 from benchmark.results import save_trigger_grid
 from benchmark.train import predict
 from benchmark.types import ImageSet, PoisonedSet
-from defenses.base import DefenseResult
+from defenses.base import DefenseResult, InputDetector
 
 
 @dataclass(frozen=True)
@@ -49,6 +49,22 @@ def _batched(fn: Callable[[Tensor], Tensor], x: Tensor, device: torch.device) ->
     return torch.cat([fn(to_float(x[i : i + 512].to(device))).cpu() for i in range(0, len(x), 512)])
 
 
+def system_predictions(
+    det: InputDetector, x: Tensor, scores: Tensor, fallback: Tensor, device: torch.device
+) -> Tensor:
+    """The detect-and-correct system's labels for uint8 images ``x`` with detector ``scores``:
+    ``det.correct`` where ``scores > det.threshold``, elsewhere ``det.predict`` (or
+    ``fallback``, the defended model's predictions, when the detector has none)."""
+    if det.correct is None:
+        raise ValueError("the detector does not correct flagged inputs")
+    predict = det.predict
+    out = fallback.clone() if predict is None else _batched(predict, x, device).long()
+    flagged = scores > det.threshold
+    if flagged.any():
+        out[flagged] = _batched(det.correct, x[flagged.to(x.device)], device).long()
+    return out
+
+
 def detection_metrics(
     result: DefenseResult,
     is_poison: Tensor,
@@ -62,8 +78,9 @@ def detection_metrics(
     Training-sample flags are scored against the true poison marks ``is_poison``. Otherwise an
     input detector is scored on the clean test inputs (negatives) and the backdoor test inputs
     (positives); if it corrects flagged inputs, the detect-and-correct system's clean accuracy
-    and ASR (from the defended model's predictions ``pred``, corrected where flagged) go to the
-    extras (``system_clean_acc``, ``system_asr``).
+    and ASR go to the extras (``system_clean_acc``, ``system_asr``): corrected labels where
+    flagged, elsewhere the detector's ``predict`` (MMDF: the original network) or, without
+    one, the defended model's predictions ``pred``.
     """
     if result.train_flags is not None:
         return metrics.detection(result.train_flags, is_poison, result.train_scores), {}
@@ -82,9 +99,7 @@ def detection_metrics(
             ("system_clean_acc", test, s_clean, pred.clean, test.y),
             ("system_asr", backdoor_test, s_bd, pred.backdoor, backdoor_test.y),
         ):
-            out, flagged = base.clone(), s > det.threshold
-            if flagged.any():
-                out[flagged] = _batched(det.correct, data.x[flagged.to(data.device)], device).long()
+            out = system_predictions(det, data.x, s, base, device)
             extras[name] = metrics.accuracy(out, labels)
     return metrics.detection(scores > det.threshold, truth, scores), extras
 

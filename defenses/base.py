@@ -78,18 +78,26 @@ class DefenseContext:
 
 @dataclass(eq=False)
 class InputDetector:
-    """A test-time input detector.
+    """A test-time input detector, possibly part of a detect-and-correct system.
+
+    The runner scores the detector (flags against the ground truth) and, when it corrects,
+    the system's output: ``correct(x)`` for flagged inputs, ``predict(x)`` for the others.
 
     Attributes:
         score: float pixels ``(N, C, H, W)`` -> ``(N,)`` scores, higher = more suspicious.
         threshold: inputs with ``score > threshold`` are flagged.
         correct: optional ``(N, C, H, W)`` -> ``(N,)`` labels the system outputs for flagged
             inputs (detect-and-correct); None means flagged inputs are only rejected.
+        predict: optional ``(N, C, H, W)`` -> ``(N,)`` labels the system outputs for inputs
+            it does not flag; None = the defended model's (``DefenseResult.model``)
+            predictions. MMDF passes its original network here: it answers unflagged inputs
+            with the unclipped model (official ``mmdf.py``).
     """
 
     score: Callable[[Tensor], Tensor]
     threshold: float
     correct: Callable[[Tensor], Tensor] | None = None
+    predict: Callable[[Tensor], Tensor] | None = None
 
 
 @dataclass(eq=False)

@@ -72,17 +72,15 @@ from torch import Tensor
 from benchmark.errors import ConfigError
 from benchmark.train import use_channels_last
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
-from defenses.clipping import (
-    ClippedModel,
-    ClipPoint,
+from defenses.bound_fit import (
     bound_extras,
     check_floor,
     check_positive,
-    clip_points,
     controller_from,
     fit_bounds,
     prepare_clean,
 )
+from defenses.clipping import ClippedModel, ClipPoint, clip_points
 
 log = logging.getLogger(__name__)
 
@@ -223,7 +221,7 @@ class MMBM(Defense):
         base.to(memory_format=torch.contiguous_format)
         model.eval()
         extras: dict[str, Any] = {
-            **bound_extras(model, fit, clean, ctx.num_classes),
+            **bound_extras(model, fit, clean, ctx.num_classes, self.controller.target, "mmbm"),
             "sites": ",".join(dict.fromkeys(p.site for p in points)),
             "time_s": round(time.perf_counter() - t0, 3),
         }

@@ -42,10 +42,17 @@ in the official code (the cosine sum over no rows is 0); ``extras`` says so.
 
 Deviations:
 
-- The clean subset is a seeded *stratified* sample of the clean reserve (the official code
-  draws ``random.sample`` from the whole clean training split), of ``floor(fraction * N)``
-  images with ``N`` the whole training split (training set plus reserve), so CIFAR-10 gives
-  the paper's 500. A reserve smaller than that is used whole (``extras``).
+- The clean subset is a seeded *stratified* sample (the official code draws ``random.sample``)
+  of ``floor(fraction * N)`` images, ``N`` the whole training split (training set plus
+  reserve), so CIFAR-10 gives the paper's 500; a pool smaller than that is used whole
+  (``extras``). Its pool (``source``): ``reserve`` (default), the defender's clean reserve,
+  images the model never trained on, so clean loss and accuracy on them are test-like;
+  ``train``, the delivered training set without marks, images the model has fitted, as the
+  official draw from BackdoorBench's ``clean_train``. Unlike that clean split, the delivered
+  set is poisoned: about ``poison_rate`` of a ``train`` draw carries the trigger and the
+  target label (the defender cannot tell which). Measured on mnist5k models (fidelity
+  review, one draw each): training-split draws stop unlearning sooner (7-10 epochs against
+  10-17) and can flag other rows (BadNets 0 -> 0, 8; natural 8 -> 2; SIG 8 -> none).
 - The layer is the model's final ``nn.Linear`` found through ``model.last_linear()`` (or the
   last ``nn.Linear`` of a model without that method), not a module named ``linear``; its
   ``out_features`` must equal the number of classes.
@@ -66,14 +73,11 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
-from dataclasses import dataclass
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from omegaconf import DictConfig, OmegaConf
-from torch import Tensor, nn
+from torch import Tensor
 
 from benchmark.data import stratified_indices
 from benchmark.errors import ConfigError
@@ -82,147 +86,22 @@ from benchmark.seeding import derive_seed
 from benchmark.types import ImageSet
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
 from defenses.checks import as_number, is_int, require
+from defenses.ulrl_parts import (
+    ORDERS,
+    Order,
+    clean_subset_size,
+    cosine_penalty,
+    find_last_linear,
+    phase_recipe,
+    reinit_rows,
+    row_change_scores,
+    select_rows,
+    sgd,
+)
 
 log = logging.getLogger(__name__)
 
-Order = Literal["index", "score"]
-ORDERS: tuple[str, ...] = ("index", "score")
-
-
-# -- the pieces, as functions on tensors (tested on hand-made values) ---------------------------
-def row_change_scores(before: Tensor, after: Tensor) -> Tensor:
-    """``(C, D)`` weights before and after unlearning -> ``(C,)`` L1 norm of each row's change."""
-    return (after.float() - before.float()).abs().sum(dim=1)
-
-
-def robust_z(scores: Tensor, scale: float = 1.4826) -> tuple[Tensor, float, float]:
-    """Robust z-scores ``|s - median| / (scale * MAD)`` of ``(C,)`` scores.
-
-    The median is torch's (the lower middle value for an even count, as in the official code),
-    and so is the MAD's. With MAD = 0 there is no division: a score that differs from the
-    median gets z = +inf, a score equal to it z = 0.
-
-    Returns:
-        ``(z, median, mad)``: ``(C,)`` float z-scores, and the median and MAD as floats.
-    """
-    scores = scores.float()
-    median = scores.median()
-    dev = (scores - median).abs()
-    mad = dev.median()
-    if mad > 0:
-        z = dev / (scale * mad)
-    else:
-        z = torch.where(dev > 0, torch.full_like(dev, math.inf), torch.zeros_like(dev))
-    return z, float(median), float(mad)
-
-
-@dataclass(frozen=True, eq=False)
-class Selection:
-    """The rows flagged by the MAD rule.
-
-    Attributes:
-        rows: ``(k,)`` int64 flagged rows, ascending, ``k <= max_flagged``.
-        candidates: ``(m,)`` int64 every row that passed the rule before the cap, ascending.
-        z: ``(C,)`` float robust z-scores.
-        median: the scores' median.
-        mad: their median absolute deviation (unscaled).
-    """
-
-    rows: Tensor
-    candidates: Tensor
-    z: Tensor
-    median: float
-    mad: float
-
-
-def select_rows(
-    scores: Tensor,
-    *,
-    z_threshold: float = 3.5,
-    scale: float = 1.4826,
-    max_flagged: int = 2,
-    order: Order = "index",
-) -> Selection:
-    """Flag rows with ``z > z_threshold`` and ``score > median``, at most ``max_flagged``.
-
-    ``order="index"`` keeps the first candidates by row index (the official code's truncation);
-    ``order="score"`` keeps the highest scores (ties to the lower index).
-    """
-    if order not in ORDERS:
-        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    scores = scores.float().cpu()
-    z, median, mad = robust_z(scores, scale)
-    candidates = torch.nonzero((z > z_threshold) & (scores > median)).flatten()
-    if order == "score":
-        ranked = torch.sort(-scores[candidates], stable=True).indices
-        kept = candidates[ranked[:max_flagged]]
-    else:
-        kept = candidates[:max_flagged]
-    return Selection(torch.sort(kept).values, candidates, z, median, mad)
-
-
-@torch.no_grad()
-def reinit_rows(layer: nn.Linear, rows: Tensor, gen: torch.Generator) -> None:
-    """Re-initialise the weight rows ``rows`` of ``layer`` in place, uniform in
-    ``+-sqrt(2 / in_features)``, and set their biases to 0 (the official "He" initialisation).
-    Other rows are untouched. Random values come from ``gen`` (a CPU generator)."""
-    rows = rows.to(torch.long).cpu()
-    if rows.numel() == 0:
-        return
-    bound = math.sqrt(2.0 / layer.in_features)
-    fresh = (torch.rand(rows.numel(), layer.in_features, generator=gen) * 2.0 - 1.0) * bound
-    w = layer.weight
-    w[rows.to(w.device)] = fresh.to(device=w.device, dtype=w.dtype)
-    if layer.bias is not None:
-        layer.bias[rows.to(layer.bias.device)] = 0.0
-
-
-def cosine_penalty(weight: Tensor, rows: Tensor, original: Tensor) -> Tensor:
-    """``sum_j cos(weight[j], original_j)`` over the rows ``rows`` (0 for no rows), in fp32.
-
-    ``original``: ``(len(rows), D)`` the rows before re-initialisation. Minimising it drives
-    each row away from the direction of its original (cos -> -1).
-    """
-    if rows.numel() == 0:
-        return weight.new_zeros((), dtype=torch.float32)
-    current = weight[rows.to(weight.device)].float()
-    return F.cosine_similarity(current, original.to(current.device).float(), dim=1).sum()
-
-
-def find_last_linear(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
-    """The model's final linear layer (rows = classes) and its module name.
-
-    Uses ``model.last_linear()`` (every harness model has it, timm's included), else the last
-    ``nn.Linear`` registered in the model. Raises ``ConfigError`` (key ``model``) when there is
-    none or its rows are not the classes.
-    """
-    why = "ULRL scores and re-initialises the rows of the final nn.Linear layer (one row per class)"
-    kind = type(model).__name__
-    if hasattr(model, "last_linear"):
-        try:
-            layer = model.last_linear()
-        except TypeError as err:
-            raise ConfigError("model", f"{why}; {kind} has none: {err}") from None
-    else:
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ConfigError("model", f"{why}; {kind} has no nn.Linear layer")
-        layer = linears[-1]
-    if not isinstance(layer, nn.Linear):
-        raise ConfigError("model", f"{why}; {kind}'s last layer is {type(layer).__name__}")
-    if layer.out_features != num_classes:
-        raise ConfigError(
-            "model",
-            f"{why}; {kind}'s last nn.Linear has {layer.out_features} outputs for "
-            f"{num_classes} classes, so it is not the classifier",
-        )
-    name = next(n for n, m in model.named_modules() if m is layer)
-    return name, layer
-
-
-def clean_subset_size(fraction: float, n_training_split: int) -> int:
-    """``floor(fraction * n)`` (the official ``int(len * ratio)``), robust to float error."""
-    return math.floor(fraction * n_training_split + 1e-9)
+SOURCES: tuple[str, ...] = ("reserve", "train")
 
 
 # -- the defense --------------------------------------------------------------------------------
@@ -231,7 +110,9 @@ class ULRL(Defense):
 
     Args:
         clean_fraction_of_train: size of the clean set as a fraction of the whole training
-            split (training set + reserve); drawn stratified from the clean reserve.
+            split (training set + reserve); drawn stratified from ``source``.
+        source: ``reserve`` (the clean reserve) or ``train`` (the delivered training set
+            without marks, possibly poisoned; the official code's fitted training split).
         batch_size: batch size of both phases.
         augment: use the training augmentation (random crop, flip where allowed) on the clean
             set in both phases, as the official code does.
@@ -258,6 +139,7 @@ class ULRL(Defense):
     def __init__(
         self,
         clean_fraction_of_train: float = 0.01,
+        source: str = "reserve",
         batch_size: int = 128,
         augment: bool = True,
         unlearn_epochs: int = 20,
@@ -321,6 +203,7 @@ class ULRL(Defense):
             unlearn_milestones,
         )
         require(order in ORDERS, "order", f"one of {ORDERS}", order)
+        require(source in SOURCES, "source", f"one of {SOURCES}", source)
         require(isinstance(reinit, bool), "reinit", "true or false", reinit)
         require(isinstance(augment, bool), "augment", "true or false", augment)
         self.clean_fraction_of_train = float(clean_fraction_of_train)
@@ -338,6 +221,7 @@ class ULRL(Defense):
         self.mad_scale = float(mad_scale)
         self.max_flagged = int(max_flagged)
         self.order: Order = order
+        self.source = source
         self.reinit = reinit
         self.relearn_epochs = int(relearn_epochs)
         self.relearn_lr = float(relearn_lr)
@@ -345,7 +229,7 @@ class ULRL(Defense):
         self.alpha = float(alpha)
 
     def validate(self, num_classes: int, n_train: int, n_clean: int) -> None:
-        if n_clean < 1:
+        if self.source == "reserve" and n_clean < 1:
             raise ConfigError(
                 "defense_data.clean_fraction",
                 "ULRL needs clean data, but the clean reserve is empty; set it > 0",
@@ -376,10 +260,12 @@ class ULRL(Defense):
         unlearn = ctx.fit(
             unlearned,
             clean,
-            recipe=self._recipe(
+            recipe=phase_recipe(
                 ctx.recipe,
+                batch_size=self.batch_size,
+                augment=self.augment,
                 epochs=self.unlearn_epochs,
-                optimizer=_sgd(self.unlearn_lr, self.unlearn_momentum, self.unlearn_weight_decay),
+                optimizer=sgd(self.unlearn_lr, self.unlearn_momentum, self.unlearn_weight_decay),
                 scheduler={
                     "_target_": "torch.optim.lr_scheduler.MultiStepLR",
                     "_partial_": True,
@@ -436,10 +322,12 @@ class ULRL(Defense):
         relearn = ctx.fit(
             relearned,
             clean,
-            recipe=self._recipe(
+            recipe=phase_recipe(
                 ctx.recipe,
+                batch_size=self.batch_size,
+                augment=self.augment,
                 epochs=self.relearn_epochs,
-                optimizer=_sgd(self.relearn_lr, self.relearn_momentum, 0.0),
+                optimizer=sgd(self.relearn_lr, self.relearn_momentum, 0.0),
                 scheduler={
                     "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
                     "_partial_": True,
@@ -495,63 +383,28 @@ class ULRL(Defense):
         return DefenseResult(model=relearned, extras=extras)
 
     def clean_subset(self, ctx: DefenseContext) -> tuple[ImageSet, dict[str, Any]]:
-        """A seeded stratified subset of the reserve of ``floor(fraction * N)`` images, ``N`` the
-        whole training split; the whole reserve when it is smaller."""
-        reserve = ctx.clean_set
-        wanted = clean_subset_size(self.clean_fraction_of_train, len(ctx.train_set) + len(reserve))
+        """A seeded stratified subset of the ``source`` pool of ``floor(fraction * N)`` images,
+        ``N`` the whole training split; the whole pool when it is smaller."""
+        pool = ctx.clean_set if self.source == "reserve" else ctx.train_set
+        n_split = len(ctx.train_set) + len(ctx.clean_set)
+        wanted = clean_subset_size(self.clean_fraction_of_train, n_split)
         info: dict[str, Any] = {
+            "clean_source": self.source,
             "n_clean_wanted": wanted,
-            "clean_reserve_too_small": wanted > len(reserve),
+            "clean_reserve_too_small": wanted > len(pool),
         }
-        if wanted >= len(reserve):
-            if wanted > len(reserve):
+        if wanted >= len(pool):
+            if wanted > len(pool):
                 log.warning(
-                    "ULRL wants %d clean images (%.3g of the training split) but the reserve "
+                    "ULRL wants %d clean images (%.3g of the training split) but the %s "
                     "holds %d; using all of it",
                     wanted,
                     self.clean_fraction_of_train,
-                    len(reserve),
+                    self.source,
+                    len(pool),
                 )
-            info["n_clean_used"] = len(reserve)
-            return reserve, info
-        index = stratified_indices(
-            reserve.y, wanted, ctx.num_classes, ctx.generator("ulrl", "clean")
-        )
+            info["n_clean_used"] = len(pool)
+            return pool, info
+        index = stratified_indices(pool.y, wanted, ctx.num_classes, ctx.generator("ulrl", "clean"))
         info["n_clean_used"] = wanted
-        return reserve.subset(index), info
-
-    def _recipe(
-        self,
-        base: DictConfig,
-        *,
-        epochs: int,
-        optimizer: dict[str, Any],
-        scheduler: dict[str, Any],
-        grad_clip: float | None,
-    ) -> DictConfig:
-        """A whole recipe for ``fit``: the official optimiser settings, the run's hardware
-        settings. Built fresh rather than merged into the run's recipe, so nothing of the
-        attack-training optimiser (e.g. ``nesterov`` of ``train=small``) leaks in."""
-        return OmegaConf.create(
-            {
-                "epochs": epochs,
-                "batch_size": self.batch_size,
-                "lr": optimizer["lr"],
-                "optimizer": optimizer,
-                "scheduler": scheduler,
-                "grad_clip": grad_clip,
-                "augment": self.augment,
-                "amp": base.get("amp", "auto"),
-                "channels_last": base.get("channels_last", "auto"),
-            }
-        )
-
-
-def _sgd(lr: float, momentum: float, weight_decay: float) -> dict[str, Any]:
-    return {
-        "_target_": "torch.optim.SGD",
-        "_partial_": True,
-        "lr": lr,
-        "momentum": momentum,
-        "weight_decay": weight_decay,
-    }
+        return pool.subset(index), info

@@ -246,7 +246,7 @@ PAPER_SETTINGS: dict[str, tuple[str, str, list[str], dict[str, Any]]] = {
     "ulrl_cifar10": (
         "preact_resnet18",
         "cifar10",
-        ["attack=sig", "defense=ulrl"],
+        ["attack_setting=backdoorbench/sig", "defense=ulrl"],
         {
             "defense.clean_fraction_of_train": 0.01,
             "defense.relearn_lr": 0.005,
@@ -338,7 +338,7 @@ RUN_CELLS: dict[str, list[str]] = {
     "none_natural_cifar10": ["defense=undefended", "attack.steps=3", "attack.budgets=[0.06]"],
     "ulrl_cifar10": ["attack=blend", "defense=ulrl"],
     "mmac_cifar10": ["defense=mmbm"],
-    "mmac_cifar10_all2all": ["defense=undefended"],
+    "mmac_cifar10_all2all": ["defense=mmac", "defense.bound_floor=0.0"],
     "linf_prune_cifar10": ["defense.ranking=clean_asc"],
 }
 

@@ -22,14 +22,8 @@ from benchmark.models.small_cnn import SmallCNN
 from benchmark.train import fit
 from benchmark.types import ImageSet
 from defenses.base import DefenseContext
-from defenses.clipping import (
-    CController,
-    ClippedModel,
-    clip_points,
-    fit_bounds,
-    margins,
-    synthesize_max_margin,
-)
+from defenses.bound_fit import CController, fit_bounds
+from defenses.clipping import ClippedModel, clip_points, margins, synthesize_max_margin
 from defenses.mmac import MMAC, mmdf_correct, mmdf_statistic, mmdf_threshold
 
 

@@ -23,8 +23,8 @@ from benchmark.models.small_cnn import SmallCNN
 from benchmark.train import Augment, fit, predict
 from benchmark.types import ImageSet
 from defenses.base import DefenseContext
-from defenses.ulrl import (
-    ULRL,
+from defenses.ulrl import ULRL
+from defenses.ulrl_parts import (
     cosine_penalty,
     find_last_linear,
     reinit_rows,
@@ -240,6 +240,7 @@ def test_a_model_without_a_final_linear_layer_fails_clearly() -> None:
     ("key", "value"),
     [
         ("order", "top"),
+        ("source", "test"),
         ("max_flagged", 0),
         ("clean_fraction_of_train", 0.0),
         ("z_threshold", -1.0),
@@ -312,6 +313,7 @@ def test_clean_subset_is_one_percent_of_the_training_split_stratified(tmp_path: 
     ctx = make_ctx(small_cnn(), train, reserve, tmp_path)
     subset, info = ULRL().clean_subset(ctx)
     assert len(subset) == 5 and info == {
+        "clean_source": "reserve",
         "n_clean_wanted": 5,
         "clean_reserve_too_small": False,
         "n_clean_used": 5,
@@ -321,12 +323,29 @@ def test_clean_subset_is_one_percent_of_the_training_split_stratified(tmp_path: 
     assert torch.equal(again.x, subset.x)  # seeded
 
 
+def test_source_train_draws_from_the_delivered_training_set(tmp_path: Path) -> None:
+    train, reserve = toy_set(380, 5), toy_set(120, 5, seed=1)
+    ctx = make_ctx(small_cnn(), train, reserve, tmp_path)
+    subset, info = ULRL(source="train").clean_subset(ctx)
+    assert len(subset) == 5 and info["clean_source"] == "train" and info["n_clean_used"] == 5
+    # every image is one of the training set's (none of the reserve's)
+    flat = train.x.flatten(1)
+    assert all(bool((flat == img.flatten()).all(1).any()) for img in subset.x)
+    assert ULRL().clean_subset(ctx)[1]["clean_source"] == "reserve"
+    ULRL(source="train").validate(5, 380, 0)  # no reserve needed
+
+
 def test_a_small_reserve_is_used_whole_and_recorded(tmp_path: Path) -> None:
     train, reserve = toy_set(380, 5), toy_set(20, 5, seed=1)
     ctx = make_ctx(small_cnn(), train, reserve, tmp_path)
     subset, info = ULRL(clean_fraction_of_train=0.1).clean_subset(ctx)
     assert subset is reserve
-    assert info == {"n_clean_wanted": 40, "clean_reserve_too_small": True, "n_clean_used": 20}
+    assert info == {
+        "clean_source": "reserve",
+        "n_clean_wanted": 40,
+        "clean_reserve_too_small": True,
+        "n_clean_used": 20,
+    }
 
 
 class FitSpy:

@@ -1,0 +1,197 @@
+"""The pieces of ULRL (``defenses/ulrl.py``) as functions: on the final layer's rows (the
+row-change score, the robust z-score and the MAD selection rule, the re-initialisation, the
+cosine term, finding the final linear layer), the clean-set size, and the phases' recipes.
+Each follows the official code (github.com/NayMyatMin/ULRL, commit 094debf, ``defense/ulrl.py``
+and ``RelearningTrainer`` in ``utils/trainer_cls.py``); see ``defenses/ulrl.py`` for the method
+and its deviations.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig, OmegaConf
+from torch import Tensor, nn
+
+from benchmark.errors import ConfigError
+
+Order = Literal["index", "score"]
+ORDERS: tuple[str, ...] = ("index", "score")
+
+
+def row_change_scores(before: Tensor, after: Tensor) -> Tensor:
+    """``(C, D)`` weights before and after unlearning -> ``(C,)`` L1 norm of each row's change."""
+    return (after.float() - before.float()).abs().sum(dim=1)
+
+
+def robust_z(scores: Tensor, scale: float = 1.4826) -> tuple[Tensor, float, float]:
+    """Robust z-scores ``|s - median| / (scale * MAD)`` of ``(C,)`` scores.
+
+    The median is torch's (the lower middle value for an even count, as in the official code),
+    and so is the MAD's. With MAD = 0 there is no division: a score that differs from the
+    median gets z = +inf, a score equal to it z = 0.
+
+    Returns:
+        ``(z, median, mad)``: ``(C,)`` float z-scores, and the median and MAD as floats.
+    """
+    scores = scores.float()
+    median = scores.median()
+    dev = (scores - median).abs()
+    mad = dev.median()
+    if mad > 0:
+        z = dev / (scale * mad)
+    else:
+        z = torch.where(dev > 0, torch.full_like(dev, math.inf), torch.zeros_like(dev))
+    return z, float(median), float(mad)
+
+
+@dataclass(frozen=True, eq=False)
+class Selection:
+    """The rows flagged by the MAD rule.
+
+    Attributes:
+        rows: ``(k,)`` int64 flagged rows, ascending, ``k <= max_flagged``.
+        candidates: ``(m,)`` int64 every row that passed the rule before the cap, ascending.
+        z: ``(C,)`` float robust z-scores.
+        median: the scores' median.
+        mad: their median absolute deviation (unscaled).
+    """
+
+    rows: Tensor
+    candidates: Tensor
+    z: Tensor
+    median: float
+    mad: float
+
+
+def select_rows(
+    scores: Tensor,
+    *,
+    z_threshold: float = 3.5,
+    scale: float = 1.4826,
+    max_flagged: int = 2,
+    order: Order = "index",
+) -> Selection:
+    """Flag rows with ``z > z_threshold`` and ``score > median``, at most ``max_flagged``.
+
+    ``order="index"`` keeps the first candidates by row index (the official code's truncation);
+    ``order="score"`` keeps the highest scores (ties to the lower index).
+    """
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
+    scores = scores.float().cpu()
+    z, median, mad = robust_z(scores, scale)
+    candidates = torch.nonzero((z > z_threshold) & (scores > median)).flatten()
+    if order == "score":
+        ranked = torch.sort(-scores[candidates], stable=True).indices
+        kept = candidates[ranked[:max_flagged]]
+    else:
+        kept = candidates[:max_flagged]
+    return Selection(torch.sort(kept).values, candidates, z, median, mad)
+
+
+@torch.no_grad()
+def reinit_rows(layer: nn.Linear, rows: Tensor, gen: torch.Generator) -> None:
+    """Re-initialise the weight rows ``rows`` of ``layer`` in place, uniform in
+    ``+-sqrt(2 / in_features)``, and set their biases to 0 (the official "He" initialisation).
+    Other rows are untouched. Random values come from ``gen`` (a CPU generator)."""
+    rows = rows.to(torch.long).cpu()
+    if rows.numel() == 0:
+        return
+    bound = math.sqrt(2.0 / layer.in_features)
+    fresh = (torch.rand(rows.numel(), layer.in_features, generator=gen) * 2.0 - 1.0) * bound
+    w = layer.weight
+    w[rows.to(w.device)] = fresh.to(device=w.device, dtype=w.dtype)
+    if layer.bias is not None:
+        layer.bias[rows.to(layer.bias.device)] = 0.0
+
+
+def cosine_penalty(weight: Tensor, rows: Tensor, original: Tensor) -> Tensor:
+    """``sum_j cos(weight[j], original_j)`` over the rows ``rows`` (0 for no rows), in fp32.
+
+    ``original``: ``(len(rows), D)`` the rows before re-initialisation. Minimising it drives
+    each row away from the direction of its original (cos -> -1).
+    """
+    if rows.numel() == 0:
+        return weight.new_zeros((), dtype=torch.float32)
+    current = weight[rows.to(weight.device)].float()
+    return F.cosine_similarity(current, original.to(current.device).float(), dim=1).sum()
+
+
+def find_last_linear(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
+    """The model's final linear layer (rows = classes) and its module name.
+
+    Uses ``model.last_linear()`` (every harness model has it, timm's included), else the last
+    ``nn.Linear`` registered in the model. Raises ``ConfigError`` (key ``model``) when there is
+    none or its rows are not the classes.
+    """
+    why = "ULRL scores and re-initialises the rows of the final nn.Linear layer (one row per class)"
+    kind = type(model).__name__
+    if hasattr(model, "last_linear"):
+        try:
+            layer = model.last_linear()
+        except TypeError as err:
+            raise ConfigError("model", f"{why}; {kind} has none: {err}") from None
+    else:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise ConfigError("model", f"{why}; {kind} has no nn.Linear layer")
+        layer = linears[-1]
+    if not isinstance(layer, nn.Linear):
+        raise ConfigError("model", f"{why}; {kind}'s last layer is {type(layer).__name__}")
+    if layer.out_features != num_classes:
+        raise ConfigError(
+            "model",
+            f"{why}; {kind}'s last nn.Linear has {layer.out_features} outputs for "
+            f"{num_classes} classes, so it is not the classifier",
+        )
+    name = next(n for n, m in model.named_modules() if m is layer)
+    return name, layer
+
+
+def clean_subset_size(fraction: float, n_training_split: int) -> int:
+    """``floor(fraction * n)`` (the official ``int(len * ratio)``), robust to float error."""
+    return math.floor(fraction * n_training_split + 1e-9)
+
+
+def phase_recipe(
+    base: DictConfig,
+    *,
+    batch_size: int,
+    augment: bool,
+    epochs: int,
+    optimizer: dict[str, Any],
+    scheduler: dict[str, Any],
+    grad_clip: float | None,
+) -> DictConfig:
+    """A whole recipe for ``fit``: the official optimiser settings, the run's hardware
+    settings. Built fresh rather than merged into the run's recipe, so nothing of the
+    attack-training optimiser (e.g. ``nesterov`` of ``train=small``) leaks in."""
+    return OmegaConf.create(
+        {
+            "epochs": epochs,
+            "batch_size": batch_size,
+            "lr": optimizer["lr"],
+            "optimizer": optimizer,
+            "scheduler": scheduler,
+            "grad_clip": grad_clip,
+            "augment": augment,
+            "amp": base.get("amp", "auto"),
+            "channels_last": base.get("channels_last", "auto"),
+        }
+    )
+
+
+def sgd(lr: float, momentum: float, weight_decay: float) -> dict[str, Any]:
+    """A Hydra ``_partial_`` SGD config."""
+    return {
+        "_target_": "torch.optim.SGD",
+        "_partial_": True,
+        "lr": lr,
+        "momentum": momentum,
+        "weight_decay": weight_decay,
+    }
