@@ -149,7 +149,9 @@ def test_every_cell_file_names_its_attack_and_defense(tmp_path: Path) -> None:
         attack, defense = path.stem.split("__")
         cfg = compose_cfg([f"cell={path.stem}"], tmp_path)
         assert component(cfg.attack) == attack, path
-        assert component(cfg.defense) == defense.lower(), path
+        # <defense> or <defense>_<variant> (badnets__mmac_floor0: mmac with bound_floor 0.0)
+        name = component(cfg.defense)
+        assert defense.lower() == name or defense.lower().startswith(f"{name}_"), path
 
 
 # name -> (model, dataset, the cell to compose, values that cell must have)
@@ -257,13 +259,18 @@ PAPER_SETTINGS: dict[str, tuple[str, str, list[str], dict[str, Any]]] = {
     "mmac_cifar10": (
         "resnet18",
         "cifar10",
-        ["defense=mmac"],
-        {"attack.mode": "all2one", "attack.poison_rate": 0.1, "defense.per_class": 50},
+        ["cell=badnets__mmac_floor0"],
+        {
+            "attack.mode": "all2one",
+            "attack.poison_rate": 0.1,
+            "defense.per_class": 50,
+            "defense.bound_floor": 0.0,
+        },
     ),
     "mmac_cifar10_all2all": (
         "resnet18",
         "cifar10",
-        ["defense=mmac"],
+        ["cell=badnets__mmac"],
         {
             "attack.mode": "all2all",
             "attack.poison_rate": 0.1,
@@ -337,8 +344,8 @@ RUN_CELLS: dict[str, list[str]] = {
     "none_cifar10": ["defense=NONE", "train.lr=0.01"],
     "none_natural_cifar10": ["defense=undefended", "attack.steps=3", "attack.budgets=[0.06]"],
     "ulrl_cifar10": ["attack=blend", "defense=ulrl"],
-    "mmac_cifar10": ["defense=mmbm"],
-    "mmac_cifar10_all2all": ["defense=mmac", "defense.bound_floor=0.0"],
+    "mmac_cifar10": ["cell=badnets__mmbm_floor0"],
+    "mmac_cifar10_all2all": ["cell=badnets__undefended"],
     "linf_prune_cifar10": ["defense.ranking=clean_asc"],
 }
 
