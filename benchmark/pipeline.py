@@ -36,7 +36,7 @@ from torch import nn
 from attacks.base import Attack, AttackContext
 from attacks.inversion import InvertedTriggers
 from attacks.pgd import adversarial_training_hook
-from benchmark import metrics
+from benchmark import metrics, validate
 from benchmark.cache import ModelCache, cache_key, config_digest, run_settings
 from benchmark.collect import record_row
 from benchmark.data import stratified_split
@@ -80,6 +80,7 @@ class Components:
     defense: Defense
     device: torch.device
     clean_fraction: float
+    build_s: float = 0.0  # wall seconds of ``build``
 
 
 @dataclass
@@ -133,14 +134,12 @@ def instantiate_entry(node: DictConfig, group: str, **kwargs: Any) -> Any:
         raise
 
 
-def build(cfg: DictConfig) -> Components:
-    """Instantiate and validate dataset, attack and defense; loads no data, trains nothing."""
+def build(cfg: DictConfig, choices: dict[str, Any] | None = None) -> Components:
+    """Check the run's settings, instantiate and validate dataset, model, attack and defense;
+    loads no data, trains nothing."""
+    t0 = time.perf_counter()
+    validate.check_run(cfg, choices)
     device = resolve_device(cfg.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            "device", f"= {cfg.device} but CUDA is not available; use device=cpu or device=auto"
-        )
-    _validate_recipe(cfg.train)
     if cfg.get("deterministic"):
         # Needed by cuBLAS before CUDA starts; CPU kernels used here are deterministic anyway.
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
@@ -150,6 +149,7 @@ def build(cfg: DictConfig) -> Components:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
     dataset: Dataset = instantiate_entry(cfg.dataset, "dataset")
     dataset.validate()
+    validate.check_model(cfg, dataset.num_classes, dataset.image_shape)
     n_full = dataset.n_train
     fraction = cfg.defense_data.clean_fraction
     if not isinstance(fraction, int | float) or not 0.0 <= fraction < 1.0:
@@ -167,17 +167,8 @@ def build(cfg: DictConfig) -> Components:
     attack.validate(dataset.num_classes, dataset.image_shape, n_train)
     defense: Defense = instantiate_entry(cfg.defense, "defense")
     defense.validate(dataset.num_classes, n_train, n_reserve)
-    return Components(dataset, attack, defense, device, float(fraction))
-
-
-def _validate_recipe(train: DictConfig) -> None:
-    for key, low in (("epochs", 1), ("batch_size", 1)):
-        value = train.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"train.{key}", f"must be an integer >= {low}, got {value!r}")
-    lr = train.get("lr")
-    if isinstance(lr, bool) or not isinstance(lr, int | float) or lr <= 0:
-        raise ConfigError("train.lr", f"must be a number > 0, got {lr!r}")
+    build_s = round(time.perf_counter() - t0, 3)
+    return Components(dataset, attack, defense, device, float(fraction), build_s)
 
 
 def load_data(cfg: DictConfig, comp: Components, record: dict[str, Any] | None = None) -> Data:
@@ -455,18 +446,20 @@ def run(
     overrides: list[str] | None = None,
     tracker: Tracker | None = None,
     record: dict[str, Any] | None = None,
+    components: Components | None = None,
 ) -> dict[str, Any]:
     """Run one cell and return its record (also written to ``run_dir/metrics.json``).
 
-    ``record`` may be passed in so that a caller sees the partial record if a stage fails.
+    ``record`` may be passed in so that a caller sees the partial record if a stage fails;
+    ``components``, the result of :func:`build` when the caller validated the config first.
     """
     run_dir = Path(run_dir)
     tracker = tracker or Tracker()
     timer = Timer()
-    record = record if record is not None else empty_record(choices or {}, int(cfg.seed))
-    t_start = time.perf_counter()
-    with timer("validate"):
-        comp = build(cfg)
+    record = record if record is not None else empty_record(choices or {}, cfg.seed)
+    t_start = time.perf_counter() - (components.build_s if components else 0.0)
+    comp = components or build(cfg, choices)
+    timer.seconds["validate_s"] = comp.build_s
     record["provenance"] = provenance(comp.device, overrides or [])
     record["config"] = run_settings(cfg)  # what defines the cell: tables group and match on it
     with timer("data"):

@@ -26,6 +26,7 @@ from typing import Any
 
 import hydra
 import torch
+from filelock import FileLock, Timeout
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from hydra.utils import instantiate
@@ -44,7 +45,7 @@ register_resolvers()  # before Hydra resolves the job's folder, also in launcher
 
 GROUPS = (
     "dataset", "model", "attack", "defense", "train", "logger", "experiment", "debug",
-    "attack_setting",
+    "attack_setting", "cell",
 )  # fmt: skip
 
 
@@ -57,14 +58,18 @@ def run_task(
 ) -> dict[str, Any]:
     """Run one cell; on any failure write ``status: failed`` with the error, always close the
     tracker, and re-raise."""
-    record = empty_record(choices, int(cfg.seed))
+    record = empty_record(choices, cfg.seed)
     record["config_digest"] = config_digest(cfg)
     # A result of an earlier run of this folder must not survive as "complete" while this one
     # runs (or after it is killed).
     (run_dir / "metrics.json").unlink(missing_ok=True)
-    tracker: Tracker = instantiate(cfg.logger) if cfg.get("logger") else Tracker()
+    tracker: Tracker = Tracker()
     failed = True
     try:
+        # Every setting is checked before the tracker opens a run or any data is read.
+        components = pipeline.build(cfg, choices)
+        if cfg.get("logger"):
+            tracker = instantiate(cfg.logger)
         tracker.start(
             OmegaConf.to_container(cfg, resolve=True),
             run_dir,
@@ -79,6 +84,7 @@ def run_task(
             overrides=overrides,
             tracker=tracker,
             record=record,
+            components=components,
         )
         failed = False
         return record
@@ -135,20 +141,43 @@ def gpu_for_job(cfg: DictConfig, hc: Any, sweeping: bool) -> Iterator[None]:
         yield
 
 
+@contextlib.contextmanager
+def cell_lock(run_dir: Path) -> Iterator[None]:
+    """Hold the cell's lock (``<run dir>/.cell.lock``) while it runs: the same cell launched
+    by a second process (the same sweep started twice) waits, then finds it complete and skips
+    it, instead of running it again and overwriting its record."""
+    run_dir.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(run_dir / ".cell.lock"))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("another process is running %s; waiting for it", run_dir)
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="config")
 def main(cfg: DictConfig) -> float | None:
     hc = HydraConfig.get()
     choices = {g: hc.runtime.choices.get(g) for g in GROUPS}
     run_dir = Path(hc.runtime.output_dir)
     sweeping = hc.mode == RunMode.MULTIRUN
-    if cfg.get("resume", True):
-        done = completed_record(run_dir, config_digest(cfg))
-        if done is not None:
-            log.info("%s is already complete; skipping it (resume=false runs it again)", run_dir)
-            return done["defended"]["asr"]
     try:
-        with gpu_for_job(cfg, hc, sweeping):
-            record = run_task(cfg, run_dir, choices, list(hc.overrides.task), sweep_group(cfg, hc))
+        with cell_lock(run_dir):
+            if cfg.get("resume", True):
+                done = completed_record(run_dir, config_digest(cfg))
+                if done is not None:
+                    log.info(
+                        "%s is already complete; skipping it (resume=false runs it again)",
+                        run_dir,
+                    )
+                    return done["defended"]["asr"]
+            with gpu_for_job(cfg, hc, sweeping):
+                overrides = list(hc.overrides.task)
+                record = run_task(cfg, run_dir, choices, overrides, sweep_group(cfg, hc))
     except BenchmarkError as err:
         # Expected, user-facing errors: one clear line, no traceback.
         log.error("%s", err)

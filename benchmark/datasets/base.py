@@ -67,12 +67,33 @@ class Dataset(ABC):
             self.crop_padding = int(crop_padding)
 
     def validate(self) -> None:
-        """Check the size limits against the metadata; raise ``ConfigError`` naming the key."""
-        for key, limit in (("max_train", self.max_train), ("max_test", self.max_test)):
+        """Check the classes and size limits against the metadata; raise ``ConfigError``.
+
+        A limit larger than its split is an error, not a silent clamp: it would describe the
+        same data as ``null`` under another config digest and cache key, so the same model
+        would be trained, and counted in tables, twice.
+        """
+        if self.num_classes < 2:
+            raise ConfigError(
+                "dataset",
+                f"{self.name} has {self.num_classes} class(es); a classifier (and an attack's "
+                "target) needs at least 2",
+            )
+        splits = (
+            ("max_train", self.max_train, self.train_size, "training"),
+            ("max_test", self.max_test, self.test_size, "test"),
+        )
+        for key, limit, size, split in splits:
             if limit is None:
                 continue
             if not isinstance(limit, int) or isinstance(limit, bool):
                 raise ConfigError(f"dataset.{key}", f"must be an integer or null, got {limit!r}")
+            if limit > size:
+                raise ConfigError(
+                    f"dataset.{key}",
+                    f"= {limit} is larger than the {split} split ({size} images); use "
+                    f"dataset.{key}=null for the whole split or a value <= {size}",
+                )
             if limit < self.num_classes:
                 raise ConfigError(
                     f"dataset.{key}",

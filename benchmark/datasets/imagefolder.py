@@ -125,6 +125,12 @@ class ImageFolder(Dataset):
         if missing:
             raise self.unavailable(missing)
         classes = class_folders(self.root / "train")
+        if len(classes) < 2:
+            raise ConfigError(
+                "dataset.root",
+                f"{self.root}/train has {len(classes)} class folder(s) {classes}; a classifier "
+                "needs at least 2 (one sub-folder per class, in train and test)",
+            )
         test_classes = class_folders(self.root / "test")
         if classes != test_classes:
             raise ConfigError(

@@ -24,6 +24,8 @@ import timm.layers.activations as timm_act
 import torch
 from torch import Tensor, nn
 
+from benchmark.errors import ConfigError
+
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm2d,
     nn.GroupNorm,
@@ -77,6 +79,12 @@ class ActivationSite:
     name: str
     module: nn.Module
     calls: int
+
+
+def check_width(width: object, key: str = "model.width") -> None:
+    """A channel-width setting: an integer >= 1 (0 builds empty layers that fail at step 1)."""
+    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
+        raise ConfigError(key, f"must be an integer >= 1, got {width!r}")
 
 
 @dataclass(frozen=True, eq=False)

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from benchmark.models.base import ImageClassifier
+from benchmark.models.base import ImageClassifier, check_width
 
 
 class PreActBlock(nn.Module):
@@ -73,6 +73,7 @@ class PreActResNet18(ImageClassifier):
         std: Sequence[float],
         width: int = 64,
     ) -> None:
+        check_width(width)
         super().__init__(num_classes, in_chans, image_size, mean, std)
         if width < 1:
             raise ValueError(f"model.width must be a positive channel count, got {width}")

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from benchmark.models.base import ImageClassifier
+from benchmark.models.base import ImageClassifier, check_width
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -31,6 +31,7 @@ class SmallCNN(ImageClassifier):
         std: Sequence[float],
         width: int = 32,
     ) -> None:
+        check_width(width)
         super().__init__(num_classes, in_chans, image_size, mean, std)
         self.block1 = _block(in_chans, width)
         self.pool1 = nn.MaxPool2d(2)

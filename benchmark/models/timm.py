@@ -41,7 +41,9 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from benchmark.errors import ConfigError
 from benchmark.models.base import ImageClassifier
+from benchmark.validate import close_matches
 
 # Set by the runner or fixed here; passing them in ``kwargs`` too would be ambiguous.
 _RESERVED = frozenset({"pretrained", "num_classes", "in_chans", "pretrained_cfg_overlay"})
@@ -75,9 +77,16 @@ class TimmClassifier(ImageClassifier):
         )
         clash = sorted(_RESERVED & extra.keys())
         if clash:
-            raise ValueError(
-                f"model.kwargs may not set {clash}: num_classes/in_chans come from "
-                "the dataset and pretrained weights are not supported"
+            raise ConfigError(
+                "model.kwargs",
+                f"may not set {clash}: num_classes/in_chans come from "
+                "the dataset and pretrained weights are not supported",
+            )
+        if not isinstance(name, str) or not timm.is_model(name):
+            raise ConfigError(
+                "model.name",
+                f"{name!r} is not a timm architecture; pick one of timm.list_models()"
+                + close_matches(str(name), timm.list_models()),
             )
         self.name = name
         self.net = timm.create_model(

@@ -1,0 +1,163 @@
+"""Run-level settings, checked before anything is built or loaded.
+
+Every check raises :class:`~benchmark.errors.ConfigError` naming the key and what to do, so a bad
+value costs one line and exit status 2, never a traceback or a half-run cell. The entries'
+own settings are checked by their ``validate()`` (datasets, attacks, defenses) and by
+:func:`check_model`, which builds the model once on a probe batch.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from hydra.utils import instantiate
+from omegaconf import DictConfig, OmegaConf
+
+from benchmark.errors import BenchmarkError, ConfigError
+
+BOOLEAN_KEYS = ("progress", "deterministic", "resume", "fail_fast")
+DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def check_run(cfg: DictConfig, choices: dict[str, Any] | None = None) -> None:
+    """The top-level keys, the recipe, and the group choices' consistency with ``cell=``."""
+    check_seed(cfg.get("seed"))
+    for key in BOOLEAN_KEYS:
+        value = cfg.get(key, False)
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"must be true or false, got {value!r}")
+    check_device(cfg.get("device", "auto"))
+    check_recipe(cfg.train)
+    check_cell(choices or {})
+
+
+def check_seed(seed: Any) -> None:
+    # 1.5 would be truncated to 1 under another cache key: the same model trained twice.
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise ConfigError("seed", f"must be an integer, got {seed!r}; e.g. seed=0 or seed=0,1,2")
+
+
+def check_device(device: Any) -> None:
+    """``auto``, ``cpu``, ``mps``, ``cuda`` or ``cuda:<index>`` that this machine has."""
+    text = str(device)
+    if not DEVICE.fullmatch(text):
+        raise ConfigError(
+            "device", f"= {device!r} is not a device; use auto, cpu, cuda, cuda:<index> or mps"
+        )
+    if text.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ConfigError(
+                "device", f"= {text} but CUDA is not available; use device=cpu or device=auto"
+            )
+        index = int(text.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                "device",
+                f"= {text} but this machine has {torch.cuda.device_count()} GPU(s); "
+                f"use cuda:0 to cuda:{torch.cuda.device_count() - 1}",
+            )
+    if text == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError("device", "= mps but MPS is not available; use device=cpu or auto")
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def check_recipe(train: DictConfig) -> None:
+    """The training recipe's scalars (``train.*``)."""
+    for key, low in (("epochs", 1), ("batch_size", 1)):
+        value = train.get(key)
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ConfigError(f"train.{key}", f"must be an integer >= {low}, got {value!r}")
+    lr = train.get("lr")
+    if not _number(lr) or lr <= 0:
+        raise ConfigError("train.lr", f"must be a number > 0, got {lr!r}")
+    clip = train.get("grad_clip")
+    # A negative max norm flips every gradient (clip_grad_norm_ scales by max_norm / norm).
+    if clip is not None and (not _number(clip) or clip <= 0):
+        raise ConfigError(
+            "train.grad_clip", f"must be a max gradient norm > 0, or null for none; got {clip!r}"
+        )
+    augment = train.get("augment", True)
+    if not isinstance(augment, bool):
+        raise ConfigError("train.augment", f"must be true or false, got {augment!r}")
+    for key in ("amp", "channels_last"):
+        value = train.get(key, "auto")
+        if value != "auto" and not isinstance(value, bool):
+            raise ConfigError(f"train.{key}", f"must be auto, true or false, got {value!r}")
+
+
+def cell_entries(cell: str) -> dict[str, str]:
+    """The attack and defense that ``conf/cell/<cell>.yaml`` selects (its defaults overrides)."""
+    path = CONF / "cell" / f"{cell}.yaml"
+    if not path.is_file():
+        return {}
+    defaults = OmegaConf.load(path).get("defaults") or []
+    found = {}
+    for entry in defaults:
+        for key, value in entry.items() if isinstance(entry, DictConfig) else []:
+            group = str(key).removeprefix("override ").strip().lstrip("/")
+            if group in ("attack", "defense"):
+                found[group] = str(value)
+    return found
+
+
+def check_cell(choices: dict[str, Any]) -> None:
+    """``cell=<attack>__<defense>`` names both entries: ``attack=``/``defense=`` may not name
+    others (the command line's choice would run under the cell's name)."""
+    cell = choices.get("cell")
+    if not cell:
+        return
+    for group, wanted in cell_entries(str(cell)).items():
+        chosen = choices.get(group)
+        if chosen is not None and str(chosen) != wanted:
+            raise ConfigError(
+                "cell",
+                f"cell={cell} is {group}={wanted}, but {group}={chosen} was also given; "
+                f"drop {group}=... or pick another cell",
+            )
+
+
+def check_model(cfg: DictConfig, num_classes: int, image_shape: Sequence[int]) -> None:
+    """Build the model once and run a probe batch through it, so a bad ``model.*`` setting
+    fails here in one line instead of at the first training step (after the data load).
+
+    The global RNG is restored afterwards: the real models are seeded when they are built.
+    """
+    c, h, w = (int(v) for v in image_shape)
+    target = cfg.model.get("_target_", "?")
+    with torch.random.fork_rng(devices=[]):
+        try:
+            model = instantiate(
+                cfg.model,
+                num_classes=num_classes,
+                in_chans=c,
+                image_size=(h, w),
+                mean=[0.5] * c,
+                std=[0.25] * c,
+            )
+            with torch.no_grad():
+                model.eval()(torch.zeros(2, c, h, w))
+        except Exception as err:
+            cause = err.__cause__ if isinstance(err.__cause__, BenchmarkError) else err
+            if isinstance(cause, BenchmarkError):
+                raise cause from None
+            first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            raise ConfigError(
+                "model",
+                f"{target} cannot be built for {c}x{h}x{w} images and {num_classes} classes "
+                f"({type(cause).__name__}: {first}); check the model.* settings",
+            ) from None
+
+
+def close_matches(name: str, options: Sequence[str], n: int = 3) -> str:
+    """``"; close: a, b"`` for a misspelt name, else ``""``."""
+    found = difflib.get_close_matches(name, options, n=n)
+    return f"; close: {', '.join(found)}" if found else ""
