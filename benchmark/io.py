@@ -62,3 +62,75 @@ def sha256_file(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+# -- checksummed files: every on-disk cache ------------------------------------------------------
+# A cache file ``x.pt`` is complete only when its checksum ``x.sha256``, written last, exists and
+# agrees with it: damage (flipped bytes, truncation) and a write killed half-way are both caught
+# before ``torch.load`` sees the bytes.
+
+
+class DamagedFile(Exception):
+    """A checked file that lacks its checksum, disagrees with it, or cannot be read."""
+
+
+def checksum_path(path: str | Path) -> Path:
+    """Where the checksum of ``path`` lives (``entry.pt`` -> ``entry.sha256``)."""
+    return Path(path).with_suffix(".sha256")
+
+
+def save_checked(obj: Any, path: str | Path) -> None:
+    """``torch.save`` atomically, then write the checksum (last, so it marks completion)."""
+    digest = atomic_torch_save(obj, path)
+    atomic_write_text(checksum_path(path), digest + "\n")
+
+
+def load_checked(path: str | Path) -> Any:
+    """``torch.load`` (``weights_only=True``) of a file written by :func:`save_checked`.
+
+    Raises ``FileNotFoundError`` if ``path`` does not exist and :class:`DamagedFile` (with a
+    short reason) if it is incomplete, damaged or unreadable.
+    """
+    path, digest = Path(path), checksum_path(path)
+    if not path.exists():
+        raise FileNotFoundError(path)
+    if not digest.exists():
+        raise DamagedFile("no checksum file: incomplete write")
+    try:
+        if sha256_file(path) != digest.read_text().strip():
+            raise DamagedFile("checksum mismatch")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except DamagedFile:
+        raise
+    except Exception as err:
+        raise DamagedFile(short_reason(err)) from err
+
+
+def discard_checked(path: str | Path) -> None:
+    """Remove a checked file and its checksum (checksum first: never a valid-looking half)."""
+    checksum_path(path).unlink(missing_ok=True)
+    Path(path).unlink(missing_ok=True)
+
+
+# Phrases of torch.load's errors that start advice (to load unsafely, to allowlist globals); a
+# reason is cut before them.
+_ADVICE = (
+    "This file can still be loaded",
+    "In PyTorch 2.6",
+    "Re-running",
+    "weights_only",
+    "Please use",
+    "Please file",
+)
+
+
+def short_reason(err: BaseException) -> str:
+    """An error as its type and first line, cut before any advice to load unsafely."""
+    text = str(err)
+    if "WeightsUnpickler error:" in text:  # torch's own reason, after paragraphs of advice
+        text = text.split("WeightsUnpickler error:", 1)[1]
+    line = next((s.strip() for s in text.splitlines() if s.strip()), "")
+    for phrase in _ADVICE:
+        line = line.split(phrase, 1)[0]
+    line = line.strip(" .,;:")
+    return f"{type(err).__name__}: {line}" if line else type(err).__name__

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from benchmark.data import to_float
 from benchmark.errors import TrainingDiverged
-from benchmark.io import atomic_torch_save
+from benchmark.io import DamagedFile, load_checked, save_checked, short_reason
 from benchmark.seeding import generator, seed_everything
 from benchmark.types import ImageSet
 
@@ -282,7 +282,7 @@ def fit(
         )
         stop = bool(on_epoch_end(epoch, stats)) if on_epoch_end else False
         if checkpoint is not None:
-            atomic_torch_save(
+            save_checked(
                 {
                     "epoch": epoch,
                     "model": model.state_dict(),
@@ -322,14 +322,15 @@ def _resume(
     if checkpoint is None or not Path(checkpoint).exists():
         return 0
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = load_checked(checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
     except Exception as err:  # a damaged checkpoint only costs the epochs it held
+        reason = err if isinstance(err, DamagedFile) else short_reason(err)
         log.warning(
-            "ignoring unreadable checkpoint %s (%s); training from scratch", checkpoint, err
+            "ignoring damaged checkpoint %s (%s); training from scratch", checkpoint, reason
         )
         return 0
     result.history = list(state["history"])
