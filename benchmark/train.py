@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from benchmark import progress as progress_bars
 from benchmark.data import to_float
 from benchmark.errors import TrainingDiverged
 from benchmark.io import DamagedFile, load_checked, save_checked, short_reason
@@ -184,7 +184,8 @@ def fit(
             layers frozen).
         on_epoch_end: ``(epoch, stats) -> stop``; returning True ends training early.
         checkpoint: file for the per-epoch checkpoint; an existing one is resumed from.
-        progress: show a progress bar with loss and accuracy.
+        progress: show a progress bar with loss and accuracy (if the process-wide switch
+            ``benchmark.progress`` is on too).
     """
     if not isinstance(recipe, DictConfig):
         recipe = OmegaConf.create(dict(recipe))
@@ -206,6 +207,7 @@ def fit(
     scheduler = instantiate(recipe.scheduler)(optimizer) if recipe.get("scheduler") else None
     loss_fn = loss_fn or nn.CrossEntropyLoss()
 
+    show = progress and progress_bars.enabled()
     result = FitResult(epochs=epochs)
     start = _resume(checkpoint, model, optimizer, scheduler, result)
     data = place(data, device)
@@ -223,13 +225,8 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        bar = tqdm(
-            range(steps),
-            desc=f"{desc} {epoch + 1}/{epochs}",
-            disable=not progress,
-            leave=False,
-            mininterval=0.5,
-            dynamic_ncols=True,
+        bar = progress_bars.bar(
+            range(steps), desc=f"{desc} {epoch + 1}/{epochs}", unit="batch", disable=not show
         )
         for step in bar:
             idx = order[step * batch_size : (step + 1) * batch_size]
@@ -256,7 +253,7 @@ def fit(
             # the epoch's end (one sync per CHECK_EVERY steps; the sum carries any bad step).
             if step % CHECK_EVERY == CHECK_EVERY - 1 or step == steps - 1:
                 _check_finite(loss_sum, desc, epoch, step)
-            if progress and (step % 20 == 19 or step == steps - 1):
+            if show and (step % 20 == 19 or step == steps - 1):
                 bar.set_postfix(
                     loss=f"{loss_sum.item() / seen:.4f}",
                     acc=f"{correct.item() / seen:.4f}",
