@@ -19,6 +19,7 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from benchmark import progress
 from benchmark.errors import ConfigError, DatasetUnavailable
 from benchmark.io import DamagedFile, discard_checked, load_checked, save_checked
 
@@ -82,7 +83,12 @@ def cached(
 
 
 def decode_images(
-    paths: Sequence[Path], shape: tuple[int, int, int], *, resize: bool, strict_gray: bool = False
+    paths: Sequence[Path],
+    shape: tuple[int, int, int],
+    *,
+    resize: bool,
+    strict_gray: bool = False,
+    desc: str = "decoding images",
 ) -> Tensor:
     """``(N, C, H, W)`` uint8 pixels of the image files ``paths``, decoded by PIL.
 
@@ -92,10 +98,11 @@ def decode_images(
             ``Resize`` on PIL images) instead of failing.
         strict_gray: with C = 1, fail on a colour image instead of converting it to grey (used
             when C was inferred from the first image).
+        desc: the label of the progress bar.
     """
     out = torch.empty((len(paths), *shape), dtype=torch.uint8)
     pixels = out.numpy()  # filled in place: one copy per image
-    for i, path in enumerate(paths):
+    for i, path in enumerate(progress.bar(paths, desc=desc, unit="img")):
         try:
             a = _decode(path, shape, resize, strict_gray)
         except (OSError, Image.DecompressionBombError) as err:
