@@ -7,8 +7,9 @@ content. It holds:
 
 - ``entry.pt``: the model ``state_dict``, the poison and clean-reserve indices, the attack's
   trigger state and the training history (loaded with ``weights_only=True``);
-- ``entry.sha256``: the checksum of ``entry.pt``, written last: an entry is complete only when
-  both exist and agree, so a process killed mid-write leaves an entry that is simply rebuilt;
+- ``entry.sha256``: the checksum of ``entry.pt`` (written just before ``entry.pt`` is renamed
+  into place): an entry is complete only when both exist and agree, so a process killed
+  mid-write leaves an entry that is simply rebuilt;
 - ``config.yaml``: the settings that made it, for people;
 - ``train_ckpt.pt`` (and its ``train_ckpt.sha256``) while training: the per-epoch checkpoint
   that an interrupted run resumes.

@@ -18,9 +18,8 @@ from typing import Any
 import torch
 
 
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically, creating parent folders."""
-    path = Path(path)
+def _write_temp(path: Path, data: bytes) -> Path:
+    """``data`` in a new temporary file beside ``path`` (flushed to disk); its path."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
@@ -28,10 +27,24 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return Path(tmp)
+
+
+def _replace(tmp: Path, path: Path) -> None:
+    try:
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically, creating parent folders."""
+    path = Path(path)
+    _replace(_write_temp(path, data), path)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -65,9 +78,11 @@ def sha256_file(path: str | Path) -> str:
 
 
 # -- checksummed files: every on-disk cache ------------------------------------------------------
-# A cache file ``x.pt`` is complete only when its checksum ``x.sha256``, written last, exists and
-# agrees with it: damage (flipped bytes, truncation) and a write killed half-way are both caught
-# before ``torch.load`` sees the bytes.
+# A cache file ``x.pt`` is complete only when its checksum ``x.sha256`` exists and agrees with it:
+# damage (flipped bytes, truncation) and a write killed half-way are both caught before
+# ``torch.load`` sees the bytes. The checksum is written just before the new file is renamed into
+# place (the last step), so a file never shows without its checksum; a write killed between the
+# two leaves no file (a new entry) or the old file with the new checksum (a mismatch): rebuilt.
 
 
 class DamagedFile(Exception):
@@ -80,9 +95,15 @@ def checksum_path(path: str | Path) -> Path:
 
 
 def save_checked(obj: Any, path: str | Path) -> None:
-    """``torch.save`` atomically, then write the checksum (last, so it marks completion)."""
-    digest = atomic_torch_save(obj, path)
-    atomic_write_text(checksum_path(path), digest + "\n")
+    """``torch.save`` atomically with its checksum (see above for the order of the writes)."""
+    path, data = Path(path), torch_bytes(obj)
+    tmp = _write_temp(path, data)
+    try:
+        atomic_write_text(checksum_path(path), hashlib.sha256(data).hexdigest() + "\n")
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _replace(tmp, path)
 
 
 def load_checked(path: str | Path) -> Any:
