@@ -55,6 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmark import progress
 from benchmark.data import to_float
 from benchmark.seeding import generator
 from benchmark.train import autocast, resolve_device
@@ -207,6 +208,7 @@ def invert_triggers(
     device: torch.device | str = "cpu",
     seed: int = 0,
     amp: bool = False,
+    desc: str = "trigger inversion",
 ) -> InvertedTriggers:
     """Invert one bounded all-to-one trigger per (target, budget) pair (see the module doc).
 
@@ -224,6 +226,7 @@ def invert_triggers(
         device: where the model runs.
         seed: seed of the pattern initialisation and of the minibatch draws.
         amp: bf16 autocast around the model's forward passes.
+        desc: the label of the progress bar (one tick per step).
 
     Returns:
         The projected triggers (on the CPU) with their attack success on ``(x, y)``.
@@ -263,7 +266,8 @@ def invert_triggers(
         if max(int(t) for t in targets) >= num_classes:
             raise ValueError(f"targets {list(targets)} out of range for {num_classes} classes")
 
-        for _ in range(int(steps)):
+        steps_bar = progress.bar(range(int(steps)), desc=f"{desc} ({n_trig} triggers)", unit="step")
+        for _ in steps_bar:
             idx = torch.randperm(n_img, generator=gen_batch)[:n_draw]
             xb = _as_float(x[idx.to(x.device)].to(device, non_blocking=True))
             yb = y[idx.to(y.device)].to(device)
@@ -287,6 +291,7 @@ def invert_triggers(
                 excess = F.relu(area - budget) + F.relu(area - 1.2 * budget)
                 (ce + penalty * excess).sum().backward()
             opt.step()
+        steps_bar.close()
     finally:
         for q, flag in zip(params, flags, strict=True):
             q.requires_grad_(flag)

@@ -45,6 +45,7 @@ from torch import Tensor
 
 from attacks.base import AttackContext, CleanLabelAttack, Mode, RateOf
 from attacks.pgd import pgd_linf
+from benchmark import progress
 from benchmark.data import to_float, to_uint8
 from benchmark.errors import ConfigError
 from benchmark.types import ImageSet
@@ -167,6 +168,9 @@ class LabelConsistent(CleanLabelAttack):
             model = ctx.surrogate(self.adv_model, spec["adv_train"])
             out = torch.empty_like(x, device="cpu")
             y = torch.full((x.shape[0],), self.target_class, dtype=torch.long, device=ctx.device)
+            pgd_bar = progress.bar(
+                total=x.shape[0], desc=f"label-consistent PGD ({self.steps} steps)", unit="img"
+            )
             for i in range(0, x.shape[0], 512):
                 xb = to_float(x[i : i + 512].to(ctx.device))
                 adv = pgd_linf(
@@ -179,6 +183,8 @@ class LabelConsistent(CleanLabelAttack):
                     amp=ctx.amp,
                 )
                 out[i : i + 512] = to_uint8(adv).cpu()
+                pgd_bar.update(xb.shape[0])
+            pgd_bar.close()
             return {"images": out}
 
         perturbed = ctx.memo("label_consistent_pgd", spec, perturb)["images"].to(x.device)

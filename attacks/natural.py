@@ -138,6 +138,7 @@ class Natural(Attack):
             penalty=self.penalty,
             device=device,
             seed=seed,
+            desc="natural-trigger inversion",
             amp=amp,
         )
         report: dict[str, Any] = {}

@@ -7,10 +7,15 @@ content. It holds:
 
 - ``entry.pt``: the model ``state_dict``, the poison and clean-reserve indices, the attack's
   trigger state and the training history (loaded with ``weights_only=True``);
-- ``entry.sha256``: the checksum of ``entry.pt``, written last: an entry is complete only when
-  both exist and agree, so a process killed mid-write leaves an entry that is simply rebuilt;
+- ``entry.sha256``: the checksum of ``entry.pt`` (written just before ``entry.pt`` is renamed
+  into place): an entry is complete only when both exist and agree, so a process killed
+  mid-write leaves an entry that is simply rebuilt;
 - ``config.yaml``: the settings that made it, for people;
-- ``train_ckpt.pt`` while training: the per-epoch checkpoint that an interrupted run resumes.
+- ``train_ckpt.pt`` (and its ``train_ckpt.sha256``) while training: the per-epoch checkpoint
+  that an interrupted run resumes.
+
+Every cache file of the harness is written and read through ``benchmark.io.save_checked`` /
+``load_checked`` (the image cache and training checkpoints too).
 
 Concurrent jobs that need the same entry serialise on ``<key>.lock``, so it is trained once.
 """
@@ -24,11 +29,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
 from filelock import FileLock
 from omegaconf import DictConfig, OmegaConf
 
-from benchmark.io import atomic_torch_save, atomic_write_text, sha256_file
+from benchmark.io import (
+    DamagedFile,
+    atomic_write_text,
+    discard_checked,
+    load_checked,
+    save_checked,
+    sha256_file,
+)
 
 log = logging.getLogger(__name__)
 
@@ -123,20 +134,15 @@ class ModelCache:
         if not self.enabled:
             return None
         folder = self.entry_dir(key)
-        entry, digest = folder / "entry.pt", folder / "entry.sha256"
+        entry = folder / "entry.pt"
         if not entry.exists():
             return None
-        if not digest.exists():
-            log.warning("cache entry %s is incomplete; rebuilding it", folder)
-            self._discard(folder)
-            return None
         try:
-            if sha256_file(entry) != digest.read_text().strip():
-                raise ValueError("checksum mismatch")
-            payload = torch.load(entry, map_location="cpu", weights_only=True)
-            if payload.get("version") != CACHE_VERSION:
-                raise ValueError(f"version {payload.get('version')} != {CACHE_VERSION}")
-        except Exception as err:
+            payload = load_checked(entry)
+            version = payload.get("version") if isinstance(payload, dict) else None
+            if version != CACHE_VERSION:
+                raise DamagedFile(f"version {version} != {CACHE_VERSION}")
+        except DamagedFile as err:  # a short reason, never torch's advice to load unsafely
             log.warning("cache entry %s is damaged (%s); rebuilding it", folder, err)
             self._discard(folder)
             return None
@@ -148,14 +154,12 @@ class ModelCache:
             return
         folder = self.entry_dir(key)
         atomic_write_text(folder / "config.yaml", config_yaml)
-        digest = atomic_torch_save({**payload, "version": CACHE_VERSION}, folder / "entry.pt")
-        atomic_write_text(folder / "entry.sha256", digest + "\n")
+        save_checked({**payload, "version": CACHE_VERSION}, folder / "entry.pt")
 
     @staticmethod
     def _discard(folder: Path) -> None:
         # Keep an in-progress training checkpoint: it is still valid for resuming.
-        for name in ("entry.pt", "entry.sha256"):
-            (folder / name).unlink(missing_ok=True)
+        discard_checked(folder / "entry.pt")
 
     def clear(self, key: str) -> None:
         shutil.rmtree(self.entry_dir(key), ignore_errors=True)

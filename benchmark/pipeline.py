@@ -33,6 +33,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, MissingMandatoryValue, OmegaConf
 from torch import nn
 
+import benchmark.progress
 from attacks.base import Attack, AttackContext
 from attacks.inversion import InvertedTriggers
 from attacks.pgd import adversarial_training_hook
@@ -453,6 +454,7 @@ def run(
     ``record`` may be passed in so that a caller sees the partial record if a stage fails;
     ``components``, the result of :func:`build` when the caller validated the config first.
     """
+    benchmark.progress.set_enabled(bool(cfg.progress))
     run_dir = Path(run_dir)
     tracker = tracker or Tracker()
     timer = Timer()

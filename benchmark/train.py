@@ -27,11 +27,11 @@ import torch.nn.functional as F
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
+from benchmark import progress as progress_bars
 from benchmark.data import to_float
 from benchmark.errors import TrainingDiverged
-from benchmark.io import atomic_torch_save
+from benchmark.io import DamagedFile, load_checked, save_checked, short_reason
 from benchmark.seeding import generator, seed_everything
 from benchmark.types import ImageSet
 
@@ -184,7 +184,8 @@ def fit(
             layers frozen).
         on_epoch_end: ``(epoch, stats) -> stop``; returning True ends training early.
         checkpoint: file for the per-epoch checkpoint; an existing one is resumed from.
-        progress: show a progress bar with loss and accuracy.
+        progress: show a progress bar with loss and accuracy (if the process-wide switch
+            ``benchmark.progress`` is on too).
     """
     if not isinstance(recipe, DictConfig):
         recipe = OmegaConf.create(dict(recipe))
@@ -206,6 +207,7 @@ def fit(
     scheduler = instantiate(recipe.scheduler)(optimizer) if recipe.get("scheduler") else None
     loss_fn = loss_fn or nn.CrossEntropyLoss()
 
+    show = progress and progress_bars.enabled()
     result = FitResult(epochs=epochs)
     start = _resume(checkpoint, model, optimizer, scheduler, result)
     data = place(data, device)
@@ -223,13 +225,8 @@ def fit(
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
         seen = 0
-        bar = tqdm(
-            range(steps),
-            desc=f"{desc} {epoch + 1}/{epochs}",
-            disable=not progress,
-            leave=False,
-            mininterval=0.5,
-            dynamic_ncols=True,
+        bar = progress_bars.bar(
+            range(steps), desc=f"{desc} {epoch + 1}/{epochs}", unit="batch", disable=not show
         )
         for step in bar:
             idx = order[step * batch_size : (step + 1) * batch_size]
@@ -256,7 +253,7 @@ def fit(
             # the epoch's end (one sync per CHECK_EVERY steps; the sum carries any bad step).
             if step % CHECK_EVERY == CHECK_EVERY - 1 or step == steps - 1:
                 _check_finite(loss_sum, desc, epoch, step)
-            if progress and (step % 20 == 19 or step == steps - 1):
+            if show and (step % 20 == 19 or step == steps - 1):
                 bar.set_postfix(
                     loss=f"{loss_sum.item() / seen:.4f}",
                     acc=f"{correct.item() / seen:.4f}",
@@ -282,7 +279,7 @@ def fit(
         )
         stop = bool(on_epoch_end(epoch, stats)) if on_epoch_end else False
         if checkpoint is not None:
-            atomic_torch_save(
+            save_checked(
                 {
                     "epoch": epoch,
                     "model": model.state_dict(),
@@ -322,14 +319,15 @@ def _resume(
     if checkpoint is None or not Path(checkpoint).exists():
         return 0
     try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = load_checked(checkpoint)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         if scheduler is not None and state["scheduler"] is not None:
             scheduler.load_state_dict(state["scheduler"])
     except Exception as err:  # a damaged checkpoint only costs the epochs it held
+        reason = err if isinstance(err, DamagedFile) else short_reason(err)
         log.warning(
-            "ignoring unreadable checkpoint %s (%s); training from scratch", checkpoint, err
+            "ignoring damaged checkpoint %s (%s); training from scratch", checkpoint, reason
         )
         return 0
     result.history = list(state["history"])

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmark import progress
 from benchmark.data import to_float
 from benchmark.errors import ConfigError
 from benchmark.types import ImageSet
@@ -101,7 +102,7 @@ def fit_bounds(
     result = BoundFit(c=float(controller.c0))
     n = len(x)
     t0 = time.perf_counter()
-    for epoch in range(epochs):
+    for epoch in progress.bar(range(epochs), desc=f"{desc} bound fitting", unit="epoch"):
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         order = torch.randperm(n, generator=gen).to(x.device)

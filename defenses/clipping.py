@@ -33,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmark import progress
 from benchmark.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -231,6 +232,10 @@ def synthesize_max_margin(
     labels = torch.arange(num_classes).repeat_interleave(per_class).to(device)
     noise = torch.rand((num_classes * per_class, *shape), generator=gen).to(device)
     out = []
+    n_chunks = -(-len(noise) // chunk)
+    steps_bar = progress.bar(
+        total=n_chunks * steps, desc=f"max-margin synthesis ({len(noise)} images)", unit="step"
+    )
     for i in range(0, len(noise), chunk):
         u, y = noise[i : i + chunk].clone().requires_grad_(True), labels[i : i + chunk]
         for _ in range(steps):
@@ -238,5 +243,7 @@ def synthesize_max_margin(
             (grad,) = torch.autograd.grad(loss, u)
             with torch.no_grad():
                 u.add_(grad, alpha=-lr)  # as torch.optim.SGD steps (bit for bit)
+            steps_bar.update()
         out.append(u.detach().clamp(0.0, 1.0))
+    steps_bar.close()
     return torch.cat(out), labels

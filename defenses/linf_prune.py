@@ -294,6 +294,7 @@ class LinfPrune(Defense):
             device=device,
             seed=seed,
             amp=device.type == "cuda",
+            desc="linf_prune trigger inversion",
         )
         row = int(torch.argmax(inv.fit_asr[:, 0]))  # first maximum: lowest class on ties
         target = int(inv.targets[row])

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from benchmark import progress
 from benchmark.data import to_float
 from benchmark.train import predict, resolve_device
 from benchmark.types import ImageSet
@@ -60,7 +61,8 @@ def site_scores(
     model.eval()
     model.to(device)
     try:
-        for i in range(0, x.shape[0], batch_size):
+        starts = range(0, x.shape[0], batch_size)
+        for i in progress.bar(starts, desc="linf_prune channel scores", unit="batch"):
             xb = x[i : i + batch_size].to(device)
             xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
             model(transform(xb) if transform is not None else xb)
@@ -97,11 +99,12 @@ def prune_count(
     Returns:
         ``(k, reason)`` with ``reason`` in ``acc_budget``, ``asr``, ``max_fraction``.
     """
-    for k in range(1, n_max + 1):
-        if acc0 - acc_at(k) > max_acc_drop + 1e-9:
-            return k - 1, "acc_budget"
-        if stop_asr is not None and asr_at is not None and asr_at(k) <= stop_asr:
-            return k, "asr"
+    with progress.bar(range(1, n_max + 1), desc="linf_prune pruning", unit="channel") as ks:
+        for k in ks:
+            if acc0 - acc_at(k) > max_acc_drop + 1e-9:
+                return k - 1, "acc_budget"
+            if stop_asr is not None and asr_at is not None and asr_at(k) <= stop_asr:
+                return k, "asr"
     return n_max, "max_fraction"
 
 

@@ -13,6 +13,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
+from benchmark import progress
 from benchmark.data import to_float
 from benchmark.models.base import NORM_TYPES
 from benchmark.types import ImageSet
@@ -36,11 +37,14 @@ def _conv_outputs(sites: list[ResetSite], fn: Callable[[int, Tensor], None]) -> 
             h.remove()
 
 
-def _batches(data: ImageSet, device: torch.device, batch_size: int) -> Iterator[tuple[int, Tensor]]:
-    """``(start, float pixels)`` batches in the channels_last layout."""
-    for i in range(0, len(data), batch_size):
-        x = to_float(data.x[i : i + batch_size].to(device))
-        yield i, x.contiguous(memory_format=torch.channels_last)
+def _batches(
+    data: ImageSet, device: torch.device, batch_size: int, desc: str
+) -> Iterator[tuple[int, Tensor]]:
+    """``(start, float pixels)`` batches in the channels_last layout, with a progress bar."""
+    with progress.bar(range(0, len(data), batch_size), desc=desc, unit="batch") as starts:
+        for i in starts:
+            x = to_float(data.x[i : i + batch_size].to(device))
+            yield i, x.contiguous(memory_format=torch.channels_last)
 
 
 @contextmanager
@@ -81,7 +85,7 @@ def collect_statistics(
         acts[k] = out.float().amax(dim=(2, 3))
 
     with _analysis_mode(model), _conv_outputs(sites, grab):
-        for _, x in _batches(data, device, batch_size):
+        for _, x in _batches(data, device, batch_size, "NONE hyperplane statistics"):
             acts.clear()
             probs = torch.softmax(model(x).float(), dim=1)
             for k, st in enumerate(stats):
@@ -109,7 +113,7 @@ def summed_activation(
         part.append(out.float()[:, picks[k]].amax(dim=(2, 3)).double().sum(1))
 
     with _analysis_mode(model), _conv_outputs(sites, grab):
-        for i, x in _batches(data, device, batch_size):
+        for i, x in _batches(data, device, batch_size, "NONE summed activations"):
             part.clear()
             model(x)
             u[i : i + x.shape[0]] = torch.stack(part).sum(0).cpu()

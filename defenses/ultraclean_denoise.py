@@ -18,6 +18,8 @@ import torch
 from scipy import ndimage
 from torch import Tensor
 
+from benchmark import progress
+
 
 def median_smooth(x: np.ndarray, window: int = 2, chunk: int = 4096) -> np.ndarray:
     """Median filter over a ``window x window x C`` window of each ``(H, W, C)`` image.
@@ -34,8 +36,10 @@ def median_smooth(x: np.ndarray, window: int = 2, chunk: int = 4096) -> np.ndarr
     _check_images(x)
     size = (1, window, window, x.shape[-1])  # 1 along N: images never mix
     out = np.empty_like(x)
-    for i in range(0, x.shape[0], chunk):
-        out[i : i + chunk] = ndimage.median_filter(x[i : i + chunk], size=size, mode="reflect")
+    with progress.bar(total=x.shape[0], desc="UltraClean median filter", unit="img") as done:
+        for i in range(0, x.shape[0], chunk):
+            out[i : i + chunk] = ndimage.median_filter(x[i : i + chunk], size=size, mode="reflect")
+            done.update(out[i : i + chunk].shape[0])
     return out
 
 
@@ -67,6 +71,7 @@ def nl_means(
     if c not in (1, 3):
         raise ValueError(f"NL-means needs 1 or 3 channels, got {c}")
     out = np.empty_like(x)
+    done = progress.bar(total=n, desc="UltraClean NL-means denoising", unit="img")
 
     def denoise(lo: int, hi: int) -> None:
         for i in range(lo, hi):
@@ -76,6 +81,7 @@ def nl_means(
             else:
                 gray = np.ascontiguousarray(x[i, :, :, 0])
                 out[i, :, :, 0] = cv2.fastNlMeansDenoising(gray, None, h, template, search)
+        done.update(hi - lo)  # tqdm's update is thread-safe
 
     workers = max(1, min(workers or available_cpus(), n))
     # Contiguous chunks, several per worker so an uneven share of slow images evens out.
@@ -84,12 +90,13 @@ def nl_means(
     cv2.setNumThreads(1)  # parallel over images instead of inside one tiny image
     try:
         if workers == 1:
-            denoise(0, n)
+            list(map(denoise, bounds[:-1], bounds[1:]))  # the same chunks, in order
         else:
             with ThreadPoolExecutor(workers) as pool:
                 list(pool.map(denoise, bounds[:-1], bounds[1:]))
     finally:
         cv2.setNumThreads(previous)
+        done.close()
     return out
 
 

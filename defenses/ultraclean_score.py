@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from benchmark import progress
 from benchmark.data import to_float
 
 ScoreSpace = Literal["softmax", "logits"]
@@ -53,7 +54,8 @@ def output_distances(
     model.to(device).eval()
     out: list[Tensor] = []
     try:
-        for i in range(0, x.shape[0], batch_size):
+        starts = range(0, x.shape[0], batch_size)
+        for i in progress.bar(starts, desc="UltraClean scoring", unit="batch"):
             views = [x[i : i + batch_size], *(v[i : i + batch_size] for v in variants)]
             batch = torch.cat([to_float(v.to(device)) for v in views])
             g = model(batch).float()

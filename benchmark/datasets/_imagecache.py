@@ -1,8 +1,9 @@
 """Image files -> one ``(N, C, H, W)`` uint8 tensor, cached on disk under a key of the files.
 
 Decoding tens of thousands of small files takes seconds to minutes; the decoded tensor of a split
-is saved once (``<cache_dir>/images/<name>-<split>-<key>.pt``) and reused while the files, their
-labels and the decoding options are unchanged.
+is saved once (``<cache_dir>/images/<name>-<split>-<key>.pt``, its checksum beside it in
+``.sha256``) and reused while the files, their labels and the decoding options are unchanged; a
+damaged or incomplete entry is rebuilt.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import pickle
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -19,8 +19,9 @@ import torch
 from PIL import Image
 from torch import Tensor
 
+from benchmark import progress
 from benchmark.errors import ConfigError, DatasetUnavailable
-from benchmark.io import atomic_torch_save
+from benchmark.io import DamagedFile, discard_checked, load_checked, save_checked
 
 log = logging.getLogger(__name__)
 
@@ -67,21 +68,27 @@ def cached(
     path = Path(cache_dir) / "images" / f"{stem}-{key}.pt"
     if path.is_file():
         try:
-            return torch.load(path, map_location="cpu", weights_only=True)
-        except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as err:
-            log.warning("ignoring the unreadable cache file %s (%s)", path, err)
+            return load_checked(path)
+        except (DamagedFile, FileNotFoundError) as err:
+            log.warning("cache file %s is damaged (%s); rebuilding it", path, err)
+            discard_checked(path)
     data = build()
-    # Atomic: readers never see a half-written file, and concurrent writers of the same key
-    # just replace each other's identical result.
+    # Atomic, checksum last: readers never see a half-written entry, and concurrent writers of
+    # the same key just replace each other's identical result.
     try:
-        atomic_torch_save(data, path)
+        save_checked(data, path)
     except OSError as err:  # a read-only or full cache disk must not fail the run
         log.warning("could not write the cache file %s (%s)", path, err)
     return data
 
 
 def decode_images(
-    paths: Sequence[Path], shape: tuple[int, int, int], *, resize: bool, strict_gray: bool = False
+    paths: Sequence[Path],
+    shape: tuple[int, int, int],
+    *,
+    resize: bool,
+    strict_gray: bool = False,
+    desc: str = "decoding images",
 ) -> Tensor:
     """``(N, C, H, W)`` uint8 pixels of the image files ``paths``, decoded by PIL.
 
@@ -91,10 +98,11 @@ def decode_images(
             ``Resize`` on PIL images) instead of failing.
         strict_gray: with C = 1, fail on a colour image instead of converting it to grey (used
             when C was inferred from the first image).
+        desc: the label of the progress bar.
     """
     out = torch.empty((len(paths), *shape), dtype=torch.uint8)
     pixels = out.numpy()  # filled in place: one copy per image
-    for i, path in enumerate(paths):
+    for i, path in enumerate(progress.bar(paths, desc=desc, unit="img")):
         try:
             a = _decode(path, shape, resize, strict_gray)
         except (OSError, Image.DecompressionBombError) as err:

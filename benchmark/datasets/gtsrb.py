@@ -156,7 +156,9 @@ class GTSRB(FileDataset):
 
         def build() -> dict[str, torch.Tensor]:
             log.info("decoding %d GTSRB %s images (cached afterwards)", len(paths), split)
-            x = decode_images(paths, self.image_shape, resize=True)
+            x = decode_images(
+                paths, self.image_shape, resize=True, desc=f"decoding GTSRB {split} images"
+            )
             return {"x": x, "y": torch.tensor(labels, dtype=torch.int64)}
 
         key = files_key(paths, labels, self.folder, self.image_shape)

@@ -166,7 +166,11 @@ class ImageFolder(Dataset):
                 "decoding %d %s images under %s (cached afterwards)", len(paths), split, self.root
             )
             x = decode_images(
-                paths, self.image_shape, resize=self.size is not None, strict_gray=self.strict_gray
+                paths,
+                self.image_shape,
+                resize=self.size is not None,
+                strict_gray=self.strict_gray,
+                desc=f"decoding {self.name} {split} images",
             )
             mean, std = channel_stats(x)
             return {

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 from omegaconf import open_dict
 
 from benchmark import pipeline
-from benchmark.cache import ModelCache, cache_key
+from benchmark.cache import CACHE_VERSION, ModelCache, cache_key
+from benchmark.io import save_checked
 from tests.conftest import compose_cfg
 
 
@@ -43,6 +45,35 @@ def test_entry_without_checksum_is_incomplete(tmp_path: Path) -> None:
     cache.save("k", {"x": torch.zeros(1)}, "")
     (cache.entry_dir("k") / "entry.sha256").unlink()  # as if killed before the last write
     assert cache.load("k") is None
+
+
+class Weird:
+    """Not loadable with ``weights_only=True``: torch.load raises its long UnpicklingError."""
+
+
+@pytest.mark.parametrize("damage", ["flip", "no-checksum", "unpicklable"])
+def test_damaged_entry_warning_is_one_short_line(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, damage: str
+) -> None:
+    cache = ModelCache(tmp_path)
+    cache.save("k", {"model": {"w": torch.arange(1000.0)}}, "")
+    entry = cache.entry_dir("k") / "entry.pt"
+    if damage == "flip":
+        data = bytearray(entry.read_bytes())
+        for i in range(len(data) // 2, len(data) // 2 + 200):
+            data[i] ^= 0xFF
+        entry.write_bytes(bytes(data))
+    elif damage == "no-checksum":
+        (cache.entry_dir("k") / "entry.sha256").unlink()
+    else:
+        save_checked({"model": Weird(), "version": CACHE_VERSION}, entry)
+    with caplog.at_level(logging.WARNING, logger="benchmark.cache"):
+        assert cache.load("k") is None
+    (record,) = [r for r in caplog.records if r.name == "benchmark.cache"]
+    message = record.getMessage()
+    assert "damaged" in message and "\n" not in message
+    assert "weights_only" not in message and "can still be loaded" not in message
+    assert not entry.exists() and not (cache.entry_dir("k") / "entry.sha256").exists()
 
 
 def test_disabled_cache_reads_and_writes_nothing(tmp_path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pytest
@@ -11,6 +12,7 @@ from torch import nn
 
 from benchmark.augment import PerBatchAugment
 from benchmark.errors import BenchmarkError, TrainingDiverged
+from benchmark.io import checksum_path
 from benchmark.models.small_cnn import SmallCNN
 from benchmark.seeding import generator
 from benchmark.train import CHECK_EVERY, Augment, fit, predict, random_crop
@@ -126,6 +128,19 @@ def test_damaged_checkpoint_is_ignored(tmp_path: Path) -> None:
     ckpt.write_bytes(b"not a checkpoint")
     result = fit(_model(), toy_set(32, 4), RECIPE, epochs=1, progress=False, checkpoint=ckpt)
     assert result.start_epoch == 0 and len(result.history) == 1
+
+
+def test_flipped_checkpoint_is_detected(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    ckpt = tmp_path / "ckpt.pt"
+    fit(_model(), toy_set(32, 4), RECIPE, epochs=1, progress=False, checkpoint=ckpt)
+    assert checksum_path(ckpt).is_file()
+    data = bytearray(ckpt.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # may still unpickle: only the checksum catches it
+    ckpt.write_bytes(bytes(data))
+    with caplog.at_level(logging.WARNING, logger="benchmark.train"):
+        result = fit(_model(), toy_set(32, 4), RECIPE, epochs=2, progress=False, checkpoint=ckpt)
+    assert result.start_epoch == 0 and len(result.history) == 2
+    assert "checksum mismatch" in caplog.text and "weights_only" not in caplog.text
 
 
 def test_early_stop_and_overrides() -> None:
