@@ -34,12 +34,27 @@ def predictions(
     )
 
 
-def stage_metrics(pred: Predictions, test: ImageSet, backdoor_test: PoisonedSet) -> dict[str, Any]:
-    """Clean accuracy on the clean test set; ASR and RA on the backdoor test set."""
+def stage_counts(pred: Predictions, test: ImageSet, backdoor_test: PoisonedSet) -> dict[str, int]:
+    """The counts behind :func:`stage_metrics`: ``clean_correct`` of ``n_clean`` clean test
+    images; ``asr_hits`` (predicted as the attack's label) and ``ra_correct`` (predicted as the
+    true label) of the ``n_backdoor`` backdoor test images."""
     return {
-        "clean_acc": metrics.clean_acc(pred.clean, test.y),
-        "asr": metrics.asr(pred.backdoor, backdoor_test.y),
-        "ra": metrics.ra(pred.backdoor, backdoor_test.y_orig),
+        "clean_correct": metrics.hits(pred.clean, test.y),
+        "n_clean": len(test),
+        "asr_hits": metrics.hits(pred.backdoor, backdoor_test.y),
+        "ra_correct": metrics.hits(pred.backdoor, backdoor_test.y_orig),
+        "n_backdoor": len(backdoor_test),
+    }
+
+
+def stage_metrics(pred: Predictions, test: ImageSet, backdoor_test: PoisonedSet) -> dict[str, Any]:
+    """Clean accuracy on the clean test set; ASR and RA on the backdoor test set (exact
+    ``count / total``, see :func:`stage_counts`)."""
+    c = stage_counts(pred, test, backdoor_test)
+    return {
+        "clean_acc": metrics.rate(c["clean_correct"], c["n_clean"]),
+        "asr": metrics.rate(c["asr_hits"], c["n_backdoor"]),
+        "ra": metrics.rate(c["ra_correct"], c["n_backdoor"]),
     }
 
 

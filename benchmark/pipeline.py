@@ -46,6 +46,7 @@ from benchmark.evaluate import (
     detection_metrics,
     poison_grid,
     predictions,
+    stage_counts,
     stage_metrics,
     trigger_grid,
 )
@@ -495,6 +496,7 @@ def run(
         backdoor_test = stage_backdoor_test(cfg, comp, data, model, "backdoored", run_dir, record)
         pred = predictions(model, data.test, backdoor_test, comp.device)
         record["backdoored"] = stage_metrics(pred, data.test, backdoor_test)
+        record["counts"] = {"backdoored": stage_counts(pred, data.test, backdoor_test)}
     grid = trigger_grid(data.test, backdoor_test, run_dir / "trigger_grid.png")
     with timer("defense"):
         result = defend(cfg, comp, data, model, run_dir)
@@ -508,6 +510,7 @@ def run(
         elif data.inversion is not None:
             record.setdefault("natural", {})["defended"] = record["natural"]["backdoored"]
         defended = stage_metrics(pred, data.test, backdoor_test)
+        record["counts"]["defended"] = stage_counts(pred, data.test, backdoor_test)
         det, extras = detection_metrics(
             result, data.train.is_poison, data.test, backdoor_test, pred, comp.device
         )

@@ -8,10 +8,14 @@ parallel jobs cannot clash). The layout::
      "backdoored": {"clean_acc", "asr", "ra"},
      "defended": {"clean_acc", "asr", "ra", "det_tpr", "det_fpr", "det_precision",
                   "det_auroc", "der"},
+     "counts": {"backdoored" | "defended": {"clean_correct", "n_clean", "asr_hits",
+                                            "ra_correct", "n_backdoor"}},
+     "detection": {"det_*": the rates above and their counts (det_tp, det_fp, ...)},
      "attack": {...}, "data": {...}, "defense_extras": {...},
      "timing": {"<stage>_s": ...}, "memory": {...}, "cache": {...}, "provenance": {...}}
 
-Rates are fractions in [0, 1]; ``det_*`` are null when the defense detects nothing.
+Rates are fractions in [0, 1], exact ``count / total`` of the integer ``counts`` beside them;
+``det_*`` are null when the defense detects nothing.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ def empty_record(choices: dict[str, Any], seed: int) -> dict[str, Any]:
         "seed": seed,
         "backdoored": dict.fromkeys(STAGE_KEYS),
         "defended": dict.fromkeys(DEFENDED_KEYS),
+        "counts": {},
         "attack": {},
         "data": {},
         "defense_extras": {},
