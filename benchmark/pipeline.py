@@ -36,7 +36,7 @@ from torch import nn
 from attacks.base import Attack, AttackContext
 from attacks.inversion import InvertedTriggers
 from attacks.pgd import adversarial_training_hook
-from benchmark import metrics
+from benchmark import metrics, tracking
 from benchmark.cache import ModelCache, cache_key, config_digest, run_settings
 from benchmark.collect import record_row
 from benchmark.data import stratified_split
@@ -352,6 +352,7 @@ def backdoored_model(
             comp.attack.load_state_dict(payload["attack_state"])
             record["cache"]["hit"] = True
             record["train_history"] = payload["history"]
+            tracking.curve("backdoored").log_all(payload["history"])
             log.info("loaded the backdoored model from the cache (%s)", key)
             return model.to(comp.device)
         ckpt_dir = cache.entry_dir(key) if cache.enabled else run_dir
