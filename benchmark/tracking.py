@@ -6,11 +6,10 @@ offline mode unless ``WANDB_MODE`` says otherwise, so it works with no account a
 also when the job fails (LHT's ``task_wrapper`` lesson), so one failing sweep job does not
 break the next.
 
-A live run is written under ``<run dir>/wandb-partial/<host>-<pid>-<random>/wandb/`` and moved
-to ``<run dir>/wandb/`` only once it has been finished (a failed cell's run too: its exit code
-is 1, so W&B shows it as failed, and it is tagged ``failed``). A killed job leaves its run in
-``wandb-partial/``, which no ``wandb sync <...>/wandb/offline-run-*`` pattern picks up, and
-the next run in that folder removes it (when its process is gone).
+A live run is written under ``<run dir>/wandb-partial/`` and moved to ``<run dir>/wandb/`` only
+once it has been finished (:mod:`benchmark.staging`); a failed cell's run too: its exit code is
+1, so W&B shows it as failed, and it is tagged ``failed``. A killed job's run is never where
+``wandb sync <...>/wandb/offline-run-*`` looks.
 
 While a tracker is started it is the process's active one (:func:`active`): ``fit`` logs each
 training's per-epoch loss, accuracy and learning rate to it through :func:`curve`, under
@@ -24,17 +23,16 @@ import logging
 import os
 import re
 import shutil
-import socket
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
 
+from benchmark.staging import new_staging, publish, remove_stale_staging
+
 log = logging.getLogger(__name__)
 
-STAGING = "wandb-partial"  # live runs; moved to wandb/ when finished
 CURVE_KEYS = ("loss", "acc", "lr")
 _active: Tracker | None = None
 
@@ -160,10 +158,7 @@ class WandbTracker(Tracker):
         folder = Path(self.dir) if self.dir else run_dir
         remove_stale_staging(folder)
         self.folder = folder
-        self.staging = (
-            folder / STAGING / f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        )
-        self.staging.mkdir(parents=True)
+        self.staging = new_staging(folder)
         self._defined: set[str] = set()
         try:
             self.run = self._init(wandb, config, name, group, job_type)
@@ -239,45 +234,10 @@ class WandbTracker(Tracker):
         finally:
             self.run = None
             self._activate(False)
-        saved = publish(live, self.staging, self.folder / "wandb")
+        try:
+            saved = publish(live, self.staging, self.folder / "wandb")
+        except OSError as err:  # the results are on disk already; only the viewer copy is lost
+            log.warning("could not move the W&B run %s to %s/wandb: %s", live, self.folder, err)
+            return
         if saved is not None and self.mode == "offline":
             log.info("W&B offline run saved; upload it with: wandb sync %s", saved)
-
-
-def publish(live: Path, staging: Path, dest: Path) -> Path | None:
-    """Move the finished run folder ``live`` (inside ``staging``) into ``dest`` and remove
-    ``staging``; returns the new place (None when there was no run folder, e.g. disabled)."""
-    saved = None
-    if live.is_dir() and staging in live.parents:
-        dest.mkdir(parents=True, exist_ok=True)
-        saved = dest / live.name
-        os.replace(live, saved)
-    shutil.rmtree(staging, ignore_errors=True)
-    if staging.parent.is_dir() and not any(staging.parent.iterdir()):
-        staging.parent.rmdir()
-    return saved
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def remove_stale_staging(folder: Path) -> list[Path]:
-    """Remove the live-run folders under ``folder/wandb-partial`` that this machine's killed
-    processes left (another host's are kept: their processes cannot be checked)."""
-    removed = []
-    host = socket.gethostname()
-    for entry in sorted((folder / STAGING).glob("*")):
-        owner, _, rest = entry.name.rpartition("-")[0].rpartition("-")
-        if owner != host or not rest.isdigit() or _alive(int(rest)):
-            continue
-        shutil.rmtree(entry, ignore_errors=True)
-        removed.append(entry)
-        log.info("removed the unfinished W&B run %s (its process is gone)", entry)
-    return removed

@@ -13,7 +13,8 @@ import pytest
 from omegaconf import OmegaConf
 
 from benchmark import tracking
-from benchmark.tracking import STAGING, Tracker, WandbTracker, remove_stale_staging
+from benchmark.staging import STAGING, remove_stale_staging
+from benchmark.tracking import Tracker, WandbTracker
 from benchmark.train import fit
 from tests.benchmark.test_train import RECIPE, _model
 from tests.conftest import toy_set
