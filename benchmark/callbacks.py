@@ -6,8 +6,9 @@ Registered in ``conf/hydra/default.yaml``. :class:`SweepCallback`
   running the same command again finds the same folder and skips the complete cells (an
   explicit ``hydra.sweep.dir=...`` wins);
 - when the sweep ends, writes ``<sweep dir>/tables/`` (:func:`benchmark.tables.make_tables`),
-  logs the tables and heatmaps once to W&B (a run of ``job_type=tables`` in the sweep's group),
-  and reports the failed cells; the command then exits with status 1 if any cell failed.
+  logs the tables and heatmaps once to W&B (a run of ``job_type=tables`` in the sweep's group;
+  not again while they are unchanged, so rerunning a finished sweep adds no run), and reports
+  the failed cells; the command then exits with status 1 if any cell failed.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 
 from benchmark.collect import find_records
+from benchmark.io import atomic_write_text
 from benchmark.tables import PIVOTS, make_tables
 
 log = logging.getLogger(__name__)
@@ -36,6 +38,8 @@ REFERENCE_DIR = Path(__file__).resolve().parents[1] / "results" / "reference"
 NAME_EXCLUDE = ("experiment", "logger", "progress", "resume", "fail_fast")
 # Longest job folder name (file systems allow 255 bytes per path component).
 MAX_DIRNAME = 200
+# In the tables folder: the digest of the tables last logged to the tracker.
+LOGGED_DIGEST = "wandb_logged.sha256"
 
 
 def _short(text: str, limit: int) -> str:
@@ -166,33 +170,52 @@ class SweepCallback(Callback):
             return []
 
     def _log_to_wandb(self, config: DictConfig, sweep_dir: Path, written: list[Path]) -> None:
-        """One tracker run per sweep with the pivots and heatmaps (the cells log their own)."""
+        """One tracker run per sweep with the pivots and heatmaps (the cells log their own).
+
+        Skipped when the same tables were already logged (a rerun whose cells were all
+        complete): the digest of what was logged is kept in ``<tables>/wandb_logged.sha256``."""
         if not config.get("logger"):
             return
-        tracker = None
+        by_name = {p.name: p for p in written}
+        tables = [(f"table/{n}", by_name[f"{n}.csv"]) for n in PIVOTS if f"{n}.csv" in by_name]
+        if "reference_comparison.csv" in by_name:
+            tables.append(("table/reference_comparison", by_name["reference_comparison.csv"]))
+        images = [(f"heatmap/{n}", by_name[f"heatmap_{n}.png"])
+                  for n in ("asr", "ca") if f"heatmap_{n}.png" in by_name]  # fmt: skip
+        stamp = sweep_dir / self.subdir / LOGGED_DIGEST
+        digest = logged_digest(
+            [p for _, p in tables + images], OmegaConf.to_yaml(config.logger, resolve=False)
+        )
+        if stamp.is_file() and stamp.read_text().strip() == digest:
+            log.info("the tables of %s are already logged to the tracker; not again", sweep_dir)
+            return
         try:
             tracker = instantiate(config.logger)
-            choices = config.hydra.runtime.choices
-            group = config.logger.get("group") or choices.get("experiment") or sweep_dir.name
-            tracker.start(
-                {"sweep_dir": str(sweep_dir), "overrides": list(config.hydra.overrides.task)},
-                sweep_dir,
-                name=f"{group}-tables",
-                group=str(group),
-                job_type="tables",
-            )
-            by_name = {p.name: p for p in written}
-            for name in PIVOTS:
-                if f"{name}.csv" in by_name:
-                    tracker.log_table(f"table/{name}", pd.read_csv(by_name[f"{name}.csv"]))
-            if "reference_comparison.csv" in by_name:
-                frame = pd.read_csv(by_name["reference_comparison.csv"])
-                tracker.log_table("table/reference_comparison", frame)
-            for name in ("asr", "ca"):
-                if f"heatmap_{name}.png" in by_name:
-                    tracker.log_image(f"heatmap/{name}", by_name[f"heatmap_{name}.png"])
+            try:
+                choices = config.hydra.runtime.choices
+                group = config.logger.get("group") or choices.get("experiment") or sweep_dir.name
+                tracker.start(
+                    {"sweep_dir": str(sweep_dir), "overrides": list(config.hydra.overrides.task)},
+                    sweep_dir,
+                    name=f"{group}-tables",
+                    group=str(group),
+                    job_type="tables",
+                )
+                for key, path in tables:
+                    tracker.log_table(key, pd.read_csv(path))
+                for key, path in images:
+                    tracker.log_image(key, path)
+            finally:
+                tracker.finish()
+            atomic_write_text(stamp, digest + "\n")
+        # Broad on purpose, as for the tables: tracking must never fail a finished sweep.
         except Exception:
             log.exception("logging the sweep's tables to the tracker failed")
-        finally:
-            if tracker is not None:
-                tracker.finish()
+
+
+def logged_digest(paths: list[Path], logger_yaml: str) -> str:
+    """sha256 of the files logged to the tracker (names and bytes) and the logger's config."""
+    h = hashlib.sha256(logger_yaml.encode())
+    for path in sorted(paths, key=lambda p: p.name):
+        h.update(path.name.encode() + b"\0" + path.read_bytes())
+    return h.hexdigest()

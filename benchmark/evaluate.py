@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ from torch import Tensor, nn
 
 from benchmark import metrics
 from benchmark.data import to_float
+from benchmark.pictures import class_name, distinct_first
 from benchmark.results import save_trigger_grid
 from benchmark.train import predict
 from benchmark.types import ImageSet, PoisonedSet
@@ -34,12 +36,27 @@ def predictions(
     )
 
 
-def stage_metrics(pred: Predictions, test: ImageSet, backdoor_test: PoisonedSet) -> dict[str, Any]:
-    """Clean accuracy on the clean test set; ASR and RA on the backdoor test set."""
+def stage_counts(pred: Predictions, test: ImageSet, backdoor_test: PoisonedSet) -> dict[str, int]:
+    """The counts behind :func:`stage_metrics`: ``clean_correct`` of ``n_clean`` clean test
+    images; ``asr_hits`` (predicted as the attack's label) and ``ra_correct`` (predicted as the
+    true label) of the ``n_backdoor`` backdoor test images."""
     return {
-        "clean_acc": metrics.clean_acc(pred.clean, test.y),
-        "asr": metrics.asr(pred.backdoor, backdoor_test.y),
-        "ra": metrics.ra(pred.backdoor, backdoor_test.y_orig),
+        "clean_correct": metrics.hits(pred.clean, test.y),
+        "n_clean": len(test),
+        "asr_hits": metrics.hits(pred.backdoor, backdoor_test.y),
+        "ra_correct": metrics.hits(pred.backdoor, backdoor_test.y_orig),
+        "n_backdoor": len(backdoor_test),
+    }
+
+
+def stage_metrics(pred: Predictions, test: ImageSet, backdoor_test: PoisonedSet) -> dict[str, Any]:
+    """Clean accuracy on the clean test set; ASR and RA on the backdoor test set (exact
+    ``count / total``, see :func:`stage_counts`)."""
+    c = stage_counts(pred, test, backdoor_test)
+    return {
+        "clean_acc": metrics.rate(c["clean_correct"], c["n_clean"]),
+        "asr": metrics.rate(c["asr_hits"], c["n_backdoor"]),
+        "ra": metrics.rate(c["ra_correct"], c["n_backdoor"]),
     }
 
 
@@ -105,14 +122,56 @@ def detection_metrics(
 
 
 def trigger_grid(test: ImageSet, backdoor_test: PoisonedSet, path: Path, n: int = 8) -> Path:
-    """Clean test images above the same images triggered."""
-    clean = test.x[backdoor_test.src_index[:n].to(test.device)].cpu()
-    return save_trigger_grid(clean, backdoor_test.x[:n].cpu(), path)
+    """Clean test images (of distinct classes where there are enough) above the same images
+    triggered; captions: the true label, and the attack's label of the triggered image."""
+    idx = distinct_first(backdoor_test.y_orig, n)
+    clean = test.x[backdoor_test.src_index[idx].to(test.device)].cpu()
+    name = functools.partial(class_name, backdoor_test.classes)
+    true = [name(int(y)) for y in backdoor_test.y_orig[idx]]
+    target = [name(int(y)) for y in backdoor_test.y[idx]]
+    return save_trigger_grid(
+        clean,
+        backdoor_test.x[idx.to(backdoor_test.device)].cpu(),
+        path,
+        captions=[
+            [f"true: {t}" for t in true],
+            [f"true: {t}\ntarget: {a}" for t, a in zip(true, target, strict=True)],
+        ],
+        note=_one_class_note(backdoor_test, "triggered test image"),
+    )
 
 
 def poison_grid(benign: ImageSet, train: PoisonedSet, path: Path, n: int = 8) -> Path | None:
-    """Training images above the same images as poisoned; None when nothing is poisoned."""
-    idx = torch.nonzero(train.is_poison).flatten()[:n]
-    if idx.numel() == 0:
+    """Training images (of distinct classes where the poisons have them) above the same images
+    as poisoned; captions: the true label, and the label the poisoned image is trained with.
+    None when nothing is poisoned."""
+    poisons = torch.nonzero(train.is_poison.cpu()).flatten()
+    if poisons.numel() == 0:
         return None
-    return save_trigger_grid(benign.x[idx].cpu(), train.x[idx].cpu(), path)
+    idx = poisons[distinct_first(train.y_orig.cpu()[poisons], n)]
+    name = functools.partial(class_name, train.classes)
+    true = [name(int(y)) for y in train.y_orig.cpu()[idx]]
+    label = [name(int(y)) for y in train.y.cpu()[idx]]
+    return save_trigger_grid(
+        benign.x[idx.to(benign.device)].cpu(),
+        train.x[idx.to(train.device)].cpu(),
+        path,
+        row_labels=("training", "poisoned"),
+        captions=[
+            [f"true: {t}" for t in true],
+            [f"true: {t}\nlabel: {a}" for t, a in zip(true, label, strict=True)],
+        ],
+        note=_one_class_note(train.subset(poisons), "poison"),
+    )
+
+
+def _one_class_note(data: PoisonedSet, kind: str) -> str | None:
+    """A note when every sample of ``data`` has the same true class (a clean-label attack's
+    poisons), so the picture says so instead of looking like a sampling accident."""
+    classes = data.y_orig.cpu().unique()
+    if len(data) < 2 or classes.numel() != 1:
+        return None
+    c = int(classes)
+    relabelled = bool((data.y.cpu() != data.y_orig.cpu()).any())
+    kept = "" if relabelled else ", labels unchanged (clean-label)"
+    return f"Every {kind} is of class {class_name(data.classes, c)}{kept}."

@@ -1,6 +1,8 @@
 """Metrics, computed by the runner alone from ground truth the defenses never see.
 
-All rates are fractions in [0, 1]; a rate over an empty set is ``None`` (JSON null), never 0.
+All rates are fractions in [0, 1], computed as Python ``count / total`` from integer counts (so
+968 of 1000 is exactly 0.968, not float32's 0.9679999...); a rate over an empty set is ``None``
+(JSON null), never 0.
 
 - ``clean_acc``: accuracy on the clean test set.
 - ``asr``: share of the backdoor test set (test images whose true label is not the target,
@@ -19,13 +21,22 @@ from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 
-def _rate(hits: Tensor) -> float | None:
-    return float(hits.float().mean()) if hits.numel() else None
+def rate(count: int, total: int) -> float | None:
+    """``count / total`` as a Python float; None when ``total`` is 0."""
+    return count / total if total else None
+
+
+def hits(pred: Tensor, y: Tensor) -> int:
+    """Number of ``pred == y``."""
+    pred, y = pred.cpu(), y.cpu()
+    if pred.shape != y.shape:
+        raise ValueError(f"predictions {tuple(pred.shape)} and labels {tuple(y.shape)} differ")
+    return int((pred == y).sum())
 
 
 def accuracy(pred: Tensor, y: Tensor) -> float | None:
     """Share of ``pred == y``."""
-    return _rate(pred.cpu() == y.cpu())
+    return rate(hits(pred, y), y.numel())
 
 
 def clean_acc(pred: Tensor, y: Tensor) -> float | None:
@@ -51,7 +62,8 @@ def detection(
     Returns ``det_tpr`` (recall on the poisoned samples: the detection rate), ``det_fpr`` (share
     of clean samples flagged), ``det_precision`` (share of flagged samples that are poisoned),
     ``det_auroc`` (from ``scores``, higher = more suspicious; None without scores or when only
-    one kind of sample exists), and the counts.
+    one kind of sample exists), and the counts behind the rates: ``det_tp``, ``det_fp``,
+    ``det_flagged`` (tp + fp), ``det_positives`` and ``det_negatives``.
     """
     flags, truth = flags.bool().cpu(), truth.bool().cpu()
     if flags.shape != truth.shape:
@@ -60,12 +72,15 @@ def detection(
     fp = int((flags & ~truth).sum())
     pos, neg = int(truth.sum()), int((~truth).sum())
     return {
-        "det_tpr": tp / pos if pos else None,
-        "det_fpr": fp / neg if neg else None,
-        "det_precision": tp / (tp + fp) if tp + fp else None,
+        "det_tpr": rate(tp, pos),
+        "det_fpr": rate(fp, neg),
+        "det_precision": rate(tp, tp + fp),
         "det_auroc": auroc(scores, truth) if scores is not None else None,
+        "det_tp": tp,
+        "det_fp": fp,
         "det_flagged": tp + fp,
         "det_positives": pos,
+        "det_negatives": neg,
     }
 
 

@@ -37,7 +37,7 @@ import benchmark.progress
 from attacks.base import Attack, AttackContext
 from attacks.inversion import InvertedTriggers
 from attacks.pgd import adversarial_training_hook
-from benchmark import metrics, validate
+from benchmark import metrics, tracking, validate
 from benchmark.cache import ModelCache, cache_key, config_digest, run_settings
 from benchmark.collect import record_row
 from benchmark.data import stratified_split
@@ -47,10 +47,11 @@ from benchmark.evaluate import (
     detection_metrics,
     poison_grid,
     predictions,
+    stage_counts,
     stage_metrics,
     trigger_grid,
 )
-from benchmark.io import atomic_torch_save
+from benchmark.io import atomic_torch_save, discard_checked
 from benchmark.results import (
     empty_record,
     format_table,
@@ -271,7 +272,7 @@ def attack_context(
                 },
                 OmegaConf.to_yaml({"surrogate": spec}),
             )
-            (ckpt_dir / f"{key}_ckpt.pt").unlink(missing_ok=True)
+            discard_checked(ckpt_dir / f"{key}_ckpt.pt")
         return model.eval()
 
     def memo(
@@ -343,6 +344,7 @@ def backdoored_model(
             comp.attack.load_state_dict(payload["attack_state"])
             record["cache"]["hit"] = True
             record["train_history"] = payload["history"]
+            tracking.curve("backdoored").log_all(payload["history"])
             log.info("loaded the backdoored model from the cache (%s)", key)
             return model.to(comp.device)
         ckpt_dir = cache.entry_dir(key) if cache.enabled else run_dir
@@ -372,7 +374,7 @@ def backdoored_model(
             },
             OmegaConf.to_yaml(cfg, resolve=True),
         )
-        (ckpt_dir / "train_ckpt.pt").unlink(missing_ok=True)
+        discard_checked(ckpt_dir / "train_ckpt.pt")
     return model
 
 
@@ -490,6 +492,7 @@ def run(
         backdoor_test = stage_backdoor_test(cfg, comp, data, model, "backdoored", run_dir, record)
         pred = predictions(model, data.test, backdoor_test, comp.device)
         record["backdoored"] = stage_metrics(pred, data.test, backdoor_test)
+        record["counts"] = {"backdoored": stage_counts(pred, data.test, backdoor_test)}
     grid = trigger_grid(data.test, backdoor_test, run_dir / "trigger_grid.png")
     with timer("defense"):
         result = defend(cfg, comp, data, model, run_dir)
@@ -503,6 +506,7 @@ def run(
         elif data.inversion is not None:
             record.setdefault("natural", {})["defended"] = record["natural"]["backdoored"]
         defended = stage_metrics(pred, data.test, backdoor_test)
+        record["counts"]["defended"] = stage_counts(pred, data.test, backdoor_test)
         det, extras = detection_metrics(
             result, data.train.is_poison, data.test, backdoor_test, pred, comp.device
         )

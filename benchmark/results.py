@@ -8,10 +8,14 @@ parallel jobs cannot clash). The layout::
      "backdoored": {"clean_acc", "asr", "ra"},
      "defended": {"clean_acc", "asr", "ra", "det_tpr", "det_fpr", "det_precision",
                   "det_auroc", "der"},
+     "counts": {"backdoored" | "defended": {"clean_correct", "n_clean", "asr_hits",
+                                            "ra_correct", "n_backdoor"}},
+     "detection": {"det_*": the rates above and their counts (det_tp, det_fp, ...)},
      "attack": {...}, "data": {...}, "defense_extras": {...},
      "timing": {"<stage>_s": ...}, "memory": {...}, "cache": {...}, "provenance": {...}}
 
-Rates are fractions in [0, 1]; ``det_*`` are null when the defense detects nothing.
+Rates are fractions in [0, 1], exact ``count / total`` of the integer ``counts`` beside them;
+``det_*`` are null when the defense detects nothing.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import platform
 import resource
 import subprocess
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -30,6 +35,7 @@ import torch
 from torch import Tensor
 
 from benchmark.io import atomic_write_json
+from benchmark.pictures import labelled_grid, save_png
 
 STAGE_KEYS = ("clean_acc", "asr", "ra")
 DEFENDED_KEYS = (*STAGE_KEYS, "det_tpr", "det_fpr", "det_precision", "det_auroc", "der")
@@ -55,6 +61,7 @@ def empty_record(choices: dict[str, Any], seed: int) -> dict[str, Any]:
         "seed": seed,
         "backdoored": dict.fromkeys(STAGE_KEYS),
         "defended": dict.fromkeys(DEFENDED_KEYS),
+        "counts": {},
         "attack": {},
         "data": {},
         "defense_extras": {},
@@ -141,28 +148,38 @@ def format_table(record: dict[str, Any]) -> str:
     return title + "\n" + table
 
 
-def save_trigger_grid(clean: Tensor, triggered: Tensor, path: str | Path) -> Path:
-    """Save a two-row PNG: clean images on top, their triggered versions below (uint8 input)."""
-    from torchvision.utils import save_image
-
-    grid = torch.cat([clean, triggered]).float() / 255.0
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    save_image(grid, tmp, nrow=clean.shape[0], padding=1, pad_value=0.5)
-    tmp.replace(path)
-    return path
+def save_trigger_grid(
+    clean: Tensor,
+    triggered: Tensor,
+    path: str | Path,
+    *,
+    row_labels: Sequence[str] = ("clean", "triggered"),
+    captions: Sequence[Sequence[str]] | None = None,
+    note: str | None = None,
+) -> Path:
+    """Save a two-row PNG of uint8 images: ``clean`` on top, their triggered versions below,
+    upscaled and labelled (:func:`benchmark.pictures.labelled_grid`)."""
+    image = labelled_grid([clean, triggered], row_labels, captions, note)
+    return save_png(image, path)
 
 
 def save_inverted_triggers(inverted: Any, report: dict[str, Any], path: str | Path) -> Path:
     """Save the chosen inverted trigger of each budget: mask x pattern on top, the mask below
     (one column per budget, smallest first). ``inverted`` is an ``InvertedTriggers``."""
     targets = [int(t) for t in inverted.targets]
-    tops, bottoms = [], []
+    tops, bottoms, captions = [], [], []
     for b_i, budget in enumerate(inverted.budgets):
-        t_i = targets.index(int(report[f"{budget:g}"]["target"]))
+        target = int(report[f"{budget:g}"]["target"])
+        t_i = targets.index(target)
         mask, pattern = inverted.mask[t_i, b_i].float(), inverted.pattern[t_i, b_i].float()
         tops.append(mask * pattern)
         bottoms.append(mask.expand_as(pattern))
+        captions.append(f"budget {budget:g}\ntarget {target}")
     as_uint8 = lambda ts: (torch.stack(ts).clamp(0, 1) * 255).round().to(torch.uint8)  # noqa: E731
-    return save_trigger_grid(as_uint8(tops), as_uint8(bottoms), path)
+    return save_trigger_grid(
+        as_uint8(tops),
+        as_uint8(bottoms),
+        path,
+        row_labels=("mask x pattern", "mask"),
+        captions=[captions, [""] * len(captions)],
+    )

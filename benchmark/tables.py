@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import io
 import logging
+import textwrap
 from collections.abc import Iterable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -27,6 +29,9 @@ from benchmark import fidelity
 from benchmark.collect import load_records, tidy_csv
 from benchmark.io import atomic_write_bytes, atomic_write_text
 from benchmark.stats import paired_comparison, summarize
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 log = logging.getLogger(__name__)
 
@@ -178,12 +183,24 @@ def heatmap_png(
 
     NaN cells are blank, labelled with the matching cell of ``notes`` (e.g. "failed") if given.
     """
+    fig = heatmap_figure(means, title, notes, cmap)
+    buf = io.BytesIO()
+    # A tight box, so neither a long title nor long labels are cut off.
+    fig.savefig(buf, format="png", dpi=120, bbox_inches="tight", pad_inches=0.1)
+    return buf.getvalue()
+
+
+def heatmap_figure(
+    means: pd.DataFrame, title: str, notes: pd.DataFrame | None = None, cmap: str = "viridis"
+) -> Figure:
+    """The figure of :func:`heatmap_png`; the title is wrapped to the figure's width."""
     # Figure without pyplot: no global state and no display backend, safe in sweeps and tests.
     from matplotlib.figure import Figure
 
     rows = [" / ".join(map(str, k)) if isinstance(k, tuple) else str(k) for k in means.index]
     cols = [str(c) for c in means.columns]
-    fig = Figure(figsize=(1.2 * len(cols) + 3.5, 0.5 * len(rows) + 1.8), layout="constrained")
+    width = 1.2 * len(cols) + 3.5
+    fig = Figure(figsize=(width, 0.5 * len(rows) + 1.8), layout="constrained")
     ax = fig.add_subplot()
     data = np.ma.masked_invalid(means.to_numpy(dtype=float))
     image = ax.imshow(data, cmap=cmap, vmin=0, vmax=100, aspect="auto")
@@ -195,11 +212,10 @@ def heatmap_png(
         elif notes is not None:
             note = notes.reindex(index=means.index, columns=means.columns).iloc[i, j]
             ax.text(j, i, "-" if pd.isna(note) else str(note), ha="center", va="center")
-    ax.set_title(title)
+    # Centred on the figure, wrapped at about 10 characters per inch (default font size).
+    fig.suptitle(textwrap.fill(title, width=max(24, int(width * 10))))
     fig.colorbar(image, ax=ax, label="%")
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    return buf.getvalue()
+    return fig
 
 
 def make_tables(

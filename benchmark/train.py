@@ -29,6 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from benchmark import progress as progress_bars
+from benchmark import tracking
 from benchmark.data import to_float
 from benchmark.errors import TrainingDiverged
 from benchmark.io import DamagedFile, load_checked, save_checked, short_reason
@@ -186,6 +187,8 @@ def fit(
         checkpoint: file for the per-epoch checkpoint; an existing one is resumed from.
         progress: show a progress bar with loss and accuracy (if the process-wide switch
             ``benchmark.progress`` is on too).
+        desc: the training's name in the progress bar, the log and the tracker's per-epoch
+            curves (``train/<desc>/{loss,acc,lr}``, :func:`benchmark.tracking.curve`).
     """
     if not isinstance(recipe, DictConfig):
         recipe = OmegaConf.create(dict(recipe))
@@ -210,6 +213,8 @@ def fit(
     show = progress and progress_bars.enabled()
     result = FitResult(epochs=epochs)
     start = _resume(checkpoint, model, optimizer, scheduler, result)
+    curve = tracking.curve(desc)  # per-epoch curves in the active tracker, if any
+    curve.log_all(result.history)  # the epochs a resumed training already did
     data = place(data, device)
     n = len(data)
     # A trailing batch of one sample is dropped (a different sample each epoch, as the order is
@@ -269,6 +274,7 @@ def fit(
         if scheduler is not None:
             scheduler.step()
         result.history.append(stats)
+        curve.log(stats)
         log.info(
             "%s epoch %d/%d: loss %.4f acc %.4f",
             desc,

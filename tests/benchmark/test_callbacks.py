@@ -129,3 +129,17 @@ def test_end_logs_the_tables_once_to_the_tracker(tmp_path: Path) -> None:
     )
     assert calls[-1] == ("finish", False)
     assert sum(c[0] == "start" for c in calls) == 1
+
+
+def test_rerun_with_unchanged_tables_logs_no_second_tables_run(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    write_record(sweep / "attack=badnets")
+    logger = {"_target_": f"{__name__}.RecordingTracker"}
+    RecordingTracker.calls.clear()
+    for _ in range(2):  # the second: every cell was skipped as complete
+        SweepCallback().on_multirun_end(config=_master(sweep, logger=logger))
+    assert sum(c[0] == "start" for c in RecordingTracker.calls) == 1
+    assert (sweep / "tables" / "wandb_logged.sha256").is_file()
+    write_record(sweep / "attack=blend", ("attack=blend",))  # a new cell: new tables
+    SweepCallback().on_multirun_end(config=_master(sweep, logger=logger))
+    assert sum(c[0] == "start" for c in RecordingTracker.calls) == 2

@@ -130,3 +130,39 @@ def test_detect_and_correct_follows_mmdf_defense_net() -> None:
         cpu,
     )
     assert extras["system_clean_acc"] == 0.5  # without predict: the defended model's labels
+
+
+def test_stage_metrics_are_exact_and_their_counts_reach_the_json(tmp_path) -> None:
+    import json
+
+    from benchmark.evaluate import stage_counts, stage_metrics
+    from benchmark.results import empty_record, write_record
+
+    n = 1000
+    test = ImageSet(torch.zeros(n, 1, 1, 1, dtype=torch.uint8), torch.zeros(n).long(), ("a", "b"))
+    backdoor = PoisonedSet(
+        torch.zeros(n, 1, 1, 1, dtype=torch.uint8),
+        torch.zeros(n).long(),
+        ("a", "b"),
+        is_poison=torch.ones(n, dtype=torch.bool),
+        y_orig=torch.ones(n).long(),
+        src_index=torch.arange(n),
+    )
+    clean_pred = torch.zeros(n).long()
+    clean_pred[968:] = 1  # 968 of 1000 right
+    bd_pred = torch.ones(n).long()
+    bd_pred[:123] = 0  # 123 hits of the target, 877 still right
+    pred = Predictions(clean=clean_pred, backdoor=bd_pred)
+    record = empty_record({}, 0)
+    record["backdoored"] = stage_metrics(pred, test, backdoor)
+    record["counts"] = {"backdoored": stage_counts(pred, test, backdoor)}
+    saved = json.loads(write_record(tmp_path, record).read_text())
+    assert saved["backdoored"] == {"clean_acc": 0.968, "asr": 0.123, "ra": 0.877}
+    assert saved["counts"]["backdoored"] == {
+        "clean_correct": 968,
+        "n_clean": 1000,
+        "asr_hits": 123,
+        "ra_correct": 877,
+        "n_backdoor": 1000,
+    }
+    assert '"clean_acc": 0.968,' in write_record(tmp_path, record).read_text()

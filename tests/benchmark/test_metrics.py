@@ -55,3 +55,26 @@ def test_der_matches_backdoorbench_formula() -> None:
     # A defense that raises CA and ASR gets 0.5 (no gain, no loss counted).
     assert metrics.der(before, {"clean_acc": 0.95, "asr": 0.99}) == pytest.approx(0.5)
     assert metrics.der(before, {"clean_acc": None, "asr": 0.1}) is None
+
+
+def test_rates_are_exact_fractions_of_counts() -> None:
+    # float32 would give 0.9679999947547913.
+    y = torch.zeros(1000, dtype=torch.long)
+    pred = torch.cat([torch.zeros(968, dtype=torch.long), torch.ones(32, dtype=torch.long)])
+    assert metrics.hits(pred, y) == 968
+    assert metrics.accuracy(pred, y) == 0.968
+    assert metrics.rate(1, 3) == 1 / 3 and metrics.rate(0, 0) is None
+
+
+def test_detection_rates_are_exact_and_come_with_counts() -> None:
+    truth = torch.zeros(1000, dtype=torch.bool)
+    truth[:100] = True
+    flags = truth.clone()
+    flags[97:100] = False  # 97 of 100 poisons found
+    flags[100:107] = True  # 7 of 900 clean samples flagged
+    det = metrics.detection(flags, truth)
+    assert det["det_tpr"] == 0.97 and det["det_fpr"] == 7 / 900
+    assert det["det_precision"] == 97 / 104
+    counts = {k: det[k] for k in ("det_tp", "det_fp", "det_flagged", "det_positives")}
+    assert counts == {"det_tp": 97, "det_fp": 7, "det_flagged": 104, "det_positives": 100}
+    assert det["det_negatives"] == 900

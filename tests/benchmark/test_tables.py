@@ -102,3 +102,19 @@ def test_paired_table_is_written_for_defenses_sharing_models(tmp_path: Path) -> 
 def test_no_runs_write_nothing(tmp_path: Path) -> None:
     assert make_tables([tmp_path], tmp_path / "out") == []
     assert not (tmp_path / "out").exists()
+
+
+def test_heatmap_title_is_wrapped_inside_the_figure() -> None:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    from benchmark.tables import heatmap_figure, heatmap_png
+
+    means = pd.DataFrame({"undefended": [99.0]}, index=[("mnist5k", "small_cnn", "badnets")])
+    title = "Attack success rate (ASR, %), mean over seeds, of a rather long experiment name " * 2
+    fig = heatmap_figure(means, title)
+    FigureCanvasAgg(fig).draw()
+    text = fig._suptitle  # the title, centred on the figure
+    box = text.get_window_extent()
+    assert "\n" in text.get_text()
+    assert box.x0 >= 0 and box.x1 <= fig.bbox.width and box.y1 <= fig.bbox.height
+    assert heatmap_png(means, title).startswith(b"\x89PNG")
