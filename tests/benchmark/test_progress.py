@@ -165,7 +165,7 @@ def test_none_analysis_and_linf_pruning_search(capfd: pytest.CaptureFixture[str]
 def test_each_cell_sets_the_switch_from_its_config(
     make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, flag: bool
 ) -> None:
-    def stop(cfg: object) -> None:
+    def stop(*args: object) -> None:
         raise RuntimeError("stop after the switch")
 
     monkeypatch.setattr(pipeline, "build", stop)
