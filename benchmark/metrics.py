@@ -17,7 +17,6 @@ All rates are fractions in [0, 1], computed as Python ``count / total`` from int
 from __future__ import annotations
 
 import torch
-from sklearn.metrics import roc_auc_score
 from torch import Tensor
 
 
@@ -90,6 +89,8 @@ def auroc(scores: Tensor, truth: Tensor) -> float | None:
     scores, truth = scores.detach().double().cpu(), truth.bool().cpu()
     if truth.all() or not truth.any() or not torch.isfinite(scores).all():
         return None
+    from sklearn.metrics import roc_auc_score  # here: its import costs ~1.5 s per CLI call
+
     return float(roc_auc_score(truth.numpy(), scores.numpy()))
 
 

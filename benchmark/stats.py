@@ -14,7 +14,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
-from scipy import stats
 
 LEVEL = 0.95
 
@@ -51,6 +50,8 @@ def summarize(values: pd.Series | np.ndarray | list[float], level: float = LEVEL
     if n == 1:
         return Summary(1, mean, math.nan, math.nan, math.nan)
     std = float(x.std(ddof=1))
+    from scipy import stats  # here: its import costs ~1 s per CLI call
+
     half = float(stats.t.ppf(0.5 + level / 2, n - 1)) * std / math.sqrt(n)
     return Summary(n, mean, std, mean - half, mean + half)
 

@@ -140,6 +140,34 @@ def test_sweep_killed_at_random_moments_resumes_to_the_same_table(tmp_path: Path
     assert not list((killed / "outputs").rglob("fit*-*.pt"))
 
 
+def test_the_same_sweep_launched_twice_at_once_loses_no_cell(tmp_path: Path) -> None:
+    """Two processes run the same sweep in the same folder at the same time: each cell runs
+    once (the other process waits on the cell's lock, then skips it), every cell ends complete
+    and equal to a single run's, and no temporary file is left."""
+    args = ["-m", *SMALL, "defense=undefended,linf_prune", "train.epochs=2"]
+    cmd = [sys.executable, "-m", "benchmark.run", *args]
+    twice = tmp_path / "twice"
+    procs = [
+        subprocess.Popen(
+            cmd, cwd=ROOT, env=_env(twice), stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        for _ in range(2)
+    ]
+    logs = [p.communicate(timeout=1800)[0].decode() for p in procs]  # a hang guard only
+    assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    single = tmp_path / "single"
+    done = cli(args, single)
+    assert done.returncode == 0, done.stdout + done.stderr
+    a, b = sweep_records(twice), sweep_records(single)
+    assert set(a) == set(b) and len(a) == 2
+    for name in a:
+        assert a[name]["status"] == "complete", name
+        for key in ("backdoored", "defended", "train_history", "counts"):
+            assert a[name][key] == b[name][key], (name, key)
+    leftovers = [p for p in twice.rglob("*") if ".tmp" in p.name or p.name.startswith(".tmp")]
+    assert not leftovers, leftovers
+
+
 @pytest.mark.parametrize(
     "launcher",
     [
