@@ -6,7 +6,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-fast lint format bench tables fidelity clean
+.PHONY: help install run test test-slow test-all lint format bench tables fidelity clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -23,11 +23,14 @@ install: $(VENV)/.installed ## Create .venv and install the project (torch, torc
 run: install ## Run the default experiment (BadNets, mnist5k, small_cnn, undefended); ARGS="..." adds overrides
 	$(PY) -m benchmark.run $(ARGS)
 
-test: install ## Run the whole CPU test suite (what CI runs)
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
-
-test-fast: install ## Run the tests not marked slow
+test: install ## Run the CPU test suite without the tests marked slow (under 10 min on 2 cores)
 	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+
+test-slow: install ## Run the tests marked slow (training runs, sweeps, kill-and-resume)
+	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
+
+test-all: install ## Both: the whole CPU suite (what CI runs, as test then test-slow)
+	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
 
 lint: install ## ruff lint and format check
 	$(VENV)/bin/ruff check .

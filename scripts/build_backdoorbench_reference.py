@@ -27,6 +27,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from benchmark.io import atomic_write_text
+
 # BackdoorBench's names -> the harness's (attacks) and the lower-case ids (defenses).
 ATTACKS = {
     "BadNet": "badnets", "Blended": "blend", "LC": "label_consistent", "SIG": "sig",
@@ -203,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         old.read_text() if old.exists() else "",
     )
     table[list(METRICS)] = table[list(METRICS)].round(2)
-    table.to_csv(args.out, index=False)
+    atomic_write_text(args.out, table.to_csv(index=False))
     notes = table[table["note"] != ""]
     print(f"wrote {args.out}: {len(table)} rows, {len(notes)} with a note")
     for _, r in notes.iterrows():

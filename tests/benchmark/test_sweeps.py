@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-import random
+import re
 import signal
 import subprocess
 import sys
@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from benchmark.cache import ModelCache
 from benchmark.io import sha256_file
 from tests.benchmark.test_run import ROOT, _env, cli
 
@@ -40,9 +41,13 @@ def assert_nothing_looks_complete_that_is_not(out: Path) -> None:
         if record["status"] == "complete":
             assert record["defended"]["clean_acc"] is not None, name
             assert record["backdoored"]["asr"] is not None, name
+    # A cache entry is complete only when entry.pt matches entry.sha256 (the checksum is
+    # written just before the entry is renamed into place, so a kill between the two leaves a
+    # checksum without its entry, or beside an older one: both read as incomplete).
     for digest in (out / "cache").rglob("entry.sha256"):
         entry = digest.parent / "entry.pt"
-        assert entry.exists() and sha256_file(entry) == digest.read_text().strip(), digest
+        if entry.exists() and sha256_file(entry) == digest.read_text().strip():
+            assert ModelCache(out / "cache").load(digest.parent.name) is not None, digest
 
 
 def test_failed_cell_is_recorded_the_sweep_goes_on_and_a_rerun_retries_it(
@@ -89,42 +94,61 @@ KILL_ARGS = [
 ]
 
 
-def test_sweep_killed_at_random_moments_resumes_to_the_same_table(tmp_path: Path) -> None:
-    """SIGKILL the sweep again and again, at random moments, until a run gets to the end.
+# Kill points, read from the sweep's log: each attempt runs until its event appears, is
+# killed, and the next resumes. Inside the backdoored training, inside each defense, between
+# cells; a last attempt runs to the end.
+KILL_EVENTS = (
+    r"backdoored epoch 1/3",  # the first model, after its first epoch's checkpoint
+    r"linf_prune: \d+ channels",  # inside l-inf pruning (no checkpoints: it starts again)
+    r"#1 : ",  # between cells: cell 0 is complete, cell 1 announced
+    r"ulrl unlearn epoch 2/",  # inside ULRL's unlearning (resumes from its checkpoint)
+    r"ulrl relearn epoch 1/",  # inside ULRL's relearning
+    r"#2 : ",  # between cells
+    r"backdoored epoch 2/3",  # the Blend model's training
+)
+
+
+def run_until(cmd: list[str], env: dict[str, str], log_path: Path, event: str | None) -> bool:
+    """Run ``cmd`` with its output in ``log_path``; SIGKILL it when ``event`` (a regex) shows
+    in the log. True if it was killed, False if it ended first. The deadline is a hang guard."""
+    pattern = re.compile(event) if event else None
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    deadline = time.time() + 1800
+    with open(log_path, "w") as log_file:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT)
+        while proc.poll() is None and time.time() < deadline:
+            if pattern and pattern.search(log_path.read_text(errors="replace")):
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+                return True
+            time.sleep(0.02)
+        if proc.poll() is None:
+            proc.kill()
+            pytest.fail(f"hang guard: {cmd} still running after 1800 s")
+    return False
+
+
+def test_sweep_killed_at_progress_events_resumes_to_the_same_table(tmp_path: Path) -> None:
+    """SIGKILL the sweep at each of :data:`KILL_EVENTS` in turn, then let it finish.
 
     ULRL's unlearn and relearn trainings resume from the defense checkpoints, the backdoored
     models from the cache's; cells already complete are skipped.
     """
     killed = tmp_path / "killed"
-    rng = random.Random(0)
     cmd = [sys.executable, "-m", "benchmark.run", *KILL_ARGS]
     kills, logs = 0, []
-    for attempt in range(15):
-        log_path = killed / f"attempt{kills}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "w") as log_file:
-            proc = subprocess.Popen(
-                cmd, cwd=ROOT, env=_env(killed), stdout=log_file, stderr=subprocess.STDOUT
-            )
-            try:
-                # Later attempts get longer, so a stage without checkpoints (data loading,
-                # pruning) is eventually passed; start-up alone takes ~4 s here.
-                proc.wait(timeout=rng.uniform(3.0, 8.0) + attempt)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-                kills += 1
-                logs.append(log_path.read_text())
-                assert_nothing_looks_complete_that_is_not(killed)
-                continue
-        assert proc.returncode == 0, log_path.read_text()
+    for attempt, event in enumerate([*KILL_EVENTS, None]):
+        log_path = killed / f"attempt{attempt}.log"
+        was_killed = run_until(cmd, _env(killed), log_path, event)
         logs.append(log_path.read_text())
-        break
-    else:
-        pytest.fail("the sweep never finished")
-    assert kills >= 2, "the sweep was not interrupted"
+        assert_nothing_looks_complete_that_is_not(killed)
+        if not was_killed:
+            break  # it ended: the last attempt, or an event that had nothing left to happen
+        kills += 1
+    assert "wrote" in logs[-1] and "Traceback" not in logs[-1], logs[-1]
+    assert kills >= 5, f"only {kills} kill events happened"
     text = "\n".join(logs)
-    assert "resuming" in text or "already complete; skipping" in text
+    assert "resuming" in text and "already complete; skipping" in text
 
     fresh = tmp_path / "fresh"
     done = cli(KILL_ARGS, fresh)
@@ -155,6 +179,10 @@ def test_the_same_sweep_launched_twice_at_once_loses_no_cell(tmp_path: Path) -> 
     ]
     logs = [p.communicate(timeout=1800)[0].decode() for p in procs]  # a hang guard only
     assert all(p.returncode == 0 for p in procs), "\n".join(logs)
+    # Each cell ran in one process and was skipped by the other (after waiting for it, or
+    # after it was complete).
+    assert sum(log.count("already complete; skipping") for log in logs) == 2, logs
+    assert sum(log.count("][INFO] - results") for log in logs) == 2, logs
     single = tmp_path / "single"
     done = cli(args, single)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -222,7 +250,7 @@ def test_wandb_runs_of_a_sweep_share_the_experiment_group_and_sync(tmp_path: Pat
         [str(wandb_cli), "sync", "--dry-run", *(str(p.parent) for p in [*cell_runs, tables_run])],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=900,
         env=_env(tmp_path),
     )
     assert sync.returncode == 0, sync.stdout + sync.stderr

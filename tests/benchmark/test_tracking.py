@@ -89,7 +89,7 @@ def _sync_dry_run(runs: list[Path]) -> str:
         [str(wandb_cli), "sync", "--dry-run", *map(str, runs)],
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=900,
     )
     assert out.returncode == 0, out.stdout + out.stderr
     return out.stdout + out.stderr

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import time
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,6 @@ from defenses.base import DefenseContext, DefenseResult, Stage
 
 DEFENSE_DIR = Path(__file__).resolve().parents[2] / "conf" / "defense"
 NAMES = sorted(p.stem for p in DEFENSE_DIR.glob("*.yaml"))
-BUDGET_S = 120  # per defense on the smoke setting, on two CPU cores
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -37,9 +35,9 @@ def test_defense_contract(name: str, make_cfg, tmp_path: Path, monkeypatch) -> N
         return original_run(self, ctx)
 
     monkeypatch.setattr(type(comp.defense), "run", spy)
-    t0 = time.perf_counter()
+    # Its wall time on the smoke setting is reported by --durations, not asserted: a clock
+    # fails on a loaded machine (scripts/bench_sweep.py measures the smoke sweep).
     result = pipeline.defend(cfg, comp, data, model, tmp_path)
-    assert time.perf_counter() - t0 < BUDGET_S
 
     ctx = seen["ctx"]
     # The threat model: no poison marks, no test data.
