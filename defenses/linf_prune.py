@@ -105,14 +105,8 @@ from defenses.linf_scores import (  # re-exported
     rank_channels,
     site_scores,
 )
-from defenses.linf_sites import (  # re-exported
-    MASK_BUFFER,
-    PruneSite,
-    find_site,
-    install_mask,
-    restore_masks,
-    set_pruned,
-)
+from defenses.linf_sites import PruneSite, find_site  # re-exported
+from defenses.masking import MASK_BUFFER, install_mask, restore_masks, set_pruned  # re-exported
 
 __all__ = [
     "MASK_BUFFER",

@@ -1,11 +1,8 @@
 """Where ``defense=linf_prune`` measures and masks the last conv layer's channels.
 
-Masks are persistent: a ``(C,)`` buffer ``linf_prune_mask`` registered on the site module plus a
-forward hook that multiplies the site's output by it. The buffer is part of ``state_dict``
-(``restore_masks`` re-attaches hooks to a fresh model before loading), the hook survives
-``copy.deepcopy`` and pickling (a module-level function reading the buffer of the module it is
-called on), and fine-tuning cannot revive a pruned channel: its output is multiplied by 0 after
-the activation, whatever the conv, norm or BatchNorm bias learn.
+The site's output is masked with ``defenses/masking.py`` (a persistent ``channel_mask`` buffer
+and hook): a pruned channel is multiplied by 0 after the activation, whatever the conv, norm or
+BatchNorm bias learn in fine-tuning.
 
 Where the map is taken (found by tracing one forward pass with hooks, no per-model code):
 
@@ -33,7 +30,7 @@ Where the map is taken (found by tracing one forward pass with hooks, no per-mod
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -41,8 +38,6 @@ from torch import Tensor, nn
 
 from benchmark.errors import ConfigError
 from benchmark.models.base import ACTIVATION_TYPES, ImageClassifier
-
-MASK_BUFFER = "linf_prune_mask"
 
 
 # -- where to measure and mask ----------------------------------------------------------------
@@ -163,43 +158,3 @@ def _probe(model: ImageClassifier, modules: list[nn.Module], hook: Callable[...,
         model.train(was_training)
         for h in handles:
             h.remove()
-
-
-# -- persistent channel masks -------------------------------------------------------------------
-def _apply_mask(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-    """Forward hook: zero the pruned channels of ``output`` ``(N, C, ...)``."""
-    mask = getattr(module, MASK_BUFFER)
-    shape = (1, -1) + (1,) * (output.dim() - 2)
-    return output * mask.to(output.dtype).view(shape)
-
-
-def install_mask(module: nn.Module, channels: int) -> Tensor:
-    """Give ``module`` a ``(channels,)`` mask buffer of ones and the hook applying it (once).
-
-    Returns the buffer; write zeros into it to prune.
-    """
-    existing = getattr(module, MASK_BUFFER, None)
-    if existing is not None:
-        if existing.shape != (channels,):
-            raise ValueError(f"{MASK_BUFFER} has shape {tuple(existing.shape)}, not ({channels},)")
-        return existing
-    device = next(iter(module.buffers()), next(iter(module.parameters()), torch.empty(0))).device
-    module.register_buffer(MASK_BUFFER, torch.ones(channels, device=device))
-    module.register_forward_hook(_apply_mask)
-    return getattr(module, MASK_BUFFER)
-
-
-def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
-    """Install a mask wherever ``state_dict`` (of a pruned model) has one, so that
-    ``model.load_state_dict(state_dict)`` then restores the pruning. Returns the module names."""
-    suffix = "." + MASK_BUFFER
-    names = [k[: -len(suffix)] for k in state_dict if k.endswith(suffix)]
-    for name in names:
-        install_mask(model.get_submodule(name), int(state_dict[name + suffix].numel()))
-    return names
-
-
-def set_pruned(mask: Tensor, channels: Tensor) -> None:
-    """Mask exactly ``channels`` (int64 indices): zeros there, ones elsewhere."""
-    mask.fill_(1.0)
-    mask[channels.to(mask.device)] = 0.0
