@@ -4,7 +4,8 @@ The site's output is masked with ``defenses/masking.py`` (a persistent ``channel
 and hook): a pruned channel is multiplied by 0 after the activation, whatever the conv, norm or
 BatchNorm bias learn in fine-tuning.
 
-Where the map is taken (found by tracing one forward pass with hooks, no per-model code):
+Where the map is taken (found with the model tracer, ``benchmark/models/trace.py``; no per-model
+code):
 
 - The site is the first activation module called after the last conv's norm layer (or after
   the conv itself when it has no norm), provided it is called once per forward and its output
@@ -30,14 +31,13 @@ Where the map is taken (found by tracing one forward pass with hooks, no per-mod
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from benchmark.errors import ConfigError
-from benchmark.models.base import ACTIVATION_TYPES, ImageClassifier
+from benchmark.models.base import ImageClassifier
+from benchmark.models.trace import ACTIVATION_TYPES, completion_order, trace
 
 
 # -- where to measure and mask ----------------------------------------------------------------
@@ -84,13 +84,10 @@ def find_site(model: nn.Module) -> PruneSite:
         return PruneSite(names[last.norm], last.norm, last.name, channels, "norm")
 
     sites = {s.module: s for s in model.activation_sites()}
-    calls: list[tuple[nn.Module, tuple[int, ...] | None]] = []
-
-    def record(module: nn.Module, inputs: tuple, output: object) -> None:
-        shape = tuple(output.shape) if isinstance(output, Tensor) else None
-        calls.append((module, shape))
-
-    _probe(model, [anchor, *sites], record)
+    calls = [
+        (c.module, tuple(c.output.shape) if c.output is not None else None)
+        for c in completion_order(trace(model, [anchor, *sites]))
+    ]
     at = max(i for i, (m, _) in enumerate(calls) if m is anchor)
     anchor_shape = calls[at][1]
     nxt = next(((m, s) for m, s in calls[at + 1 :] if m in sites), None)
@@ -117,13 +114,8 @@ def _past_residual_add(
     channel of the final feature map, shortcut included, as masking ResNet-18's post-add ReLU
     does.
     """
-    calls: list[tuple[nn.Module, object]] = []
-
-    def record(module: nn.Module, inputs: tuple, output: object) -> None:
-        calls.append((module, output))
-
     modules = [m for m in names if m is not model]
-    _probe(model, modules, record)
+    calls = [(c.module, c.output) for c in completion_order(trace(model, modules))]
     at = max(i for i, (m, _) in enumerate(calls) if m is site.module)
     out = calls[at][1]
     # Only the blocks containing the site can add a shortcut to it (not, e.g., a global pool
@@ -144,17 +136,3 @@ def _past_residual_add(
     if sum(m is module for m, _ in calls) != 1:
         return site  # a shared module: its output is not one place in the network
     return PruneSite(names[module], module, site.conv_name, site.channels, "block")
-
-
-def _probe(model: ImageClassifier, modules: list[nn.Module], hook: Callable[..., None]) -> None:
-    """One eval-mode forward pass of a probe batch with ``hook`` on ``modules``."""
-    handles = [m.register_forward_hook(hook) for m in modules]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(model.example_input(2))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()

@@ -18,6 +18,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from benchmark.errors import ConfigError
+from benchmark.models.trace import last_linear
 
 Order = Literal["index", "score"]
 ORDERS: tuple[str, ...] = ("index", "score")
@@ -125,22 +126,18 @@ def cosine_penalty(weight: Tensor, rows: Tensor, original: Tensor) -> Tensor:
 def find_last_linear(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
     """The model's final linear layer (rows = classes) and its module name.
 
-    Uses ``model.last_linear()`` (every harness model has it, timm's included), else the last
-    ``nn.Linear`` registered in the model. Raises ``ConfigError`` (key ``model``) when there is
-    none or its rows are not the classes.
+    ``benchmark.models.trace.last_linear``: ``model.last_linear()`` (every harness model has it,
+    timm's included), else the last ``nn.Linear`` registered in the model. Raises
+    ``ConfigError`` (key ``model``) when there is none or its rows are not the classes.
     """
     why = "ULRL scores and re-initialises the rows of the final nn.Linear layer (one row per class)"
     kind = type(model).__name__
-    if hasattr(model, "last_linear"):
-        try:
-            layer = model.last_linear()
-        except TypeError as err:
-            raise ConfigError("model", f"{why}; {kind} has none: {err}") from None
-    else:
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ConfigError("model", f"{why}; {kind} has no nn.Linear layer")
-        layer = linears[-1]
+    try:
+        name, layer = last_linear(model)
+    except TypeError as err:
+        raise ConfigError("model", f"{why}; {kind} has none: {err}") from None
+    except LookupError:
+        raise ConfigError("model", f"{why}; {kind} has no nn.Linear layer") from None
     if not isinstance(layer, nn.Linear):
         raise ConfigError("model", f"{why}; {kind}'s last layer is {type(layer).__name__}")
     if layer.out_features != num_classes:
@@ -149,7 +146,6 @@ def find_last_linear(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear
             f"{why}; {kind}'s last nn.Linear has {layer.out_features} outputs for "
             f"{num_classes} classes, so it is not the classifier",
         )
-    name = next(n for n, m in model.named_modules() if m is layer)
     return name, layer
 
 
