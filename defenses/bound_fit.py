@@ -6,10 +6,11 @@
 - ``fit_bounds``: the batched bound-training loop (MSE to the original logits + ``c`` x penalty);
 - ``prepare_clean``: the seeded per-class draw from the defender's clean reserve, filtered to the
   images the model classifies correctly (the official code's filter), with the original logits;
-- ``bound_extras``, ``controller_from``, ``check_positive``, ``check_floor``: the extras and
-  config checks both defenses share. ``bound_extras`` flags a run whose final clean agreement
-  is below the controller's target (``controller_failed``), and warns: such a clipped model is
-  not the method's intended trade-off, so its CA cost should not be read as the method's.
+- ``bound_extras``, ``controller_from``, ``check_floor``: the extras and the config checks both
+  defenses share (with ``defenses/checks.py``). ``bound_extras`` flags a run whose final clean
+  agreement is below the controller's target (``controller_failed``), and warns: such a
+  clipped model is not the method's intended trade-off, so its CA cost should not be read as
+  the method's.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ from torch import Tensor
 
 from benchmark import progress
 from benchmark.data import to_float
-from benchmark.errors import ConfigError
 from benchmark.types import ImageSet
+from defenses import checks
 from defenses.base import DefenseContext
 from defenses.clipping import ClippedModel
 
@@ -239,30 +240,16 @@ def controller_from(
     c0: object, c_factor: object, target_acc: object, c_start_after: object, c_every: object
 ) -> CController:
     """A validated ``CController`` from config values (errors name ``defense.<key>``)."""
-    check_positive("c0", c0, integer=False)
-    check_positive("c_factor", c_factor, integer=False)
-    check_positive("c_every", c_every, integer=True)
-    if isinstance(c_start_after, bool) or not isinstance(c_start_after, int):
-        raise ConfigError("defense.c_start_after", f"must be an integer, got {c_start_after!r}")
-    if isinstance(target_acc, bool) or not isinstance(target_acc, int | float):
-        raise ConfigError("defense.target_acc", f"must be a number in [0, 1], got {target_acc!r}")
-    if not 0.0 <= target_acc <= 1.0:
-        raise ConfigError("defense.target_acc", f"must be in [0, 1], got {target_acc!r}")
+    checks.number(c0, "c0", 0.0, low_open=True)
+    checks.number(c_factor, "c_factor", 0.0, low_open=True)
+    checks.integer(c_every, "c_every")
+    checks.require(checks.is_int(c_start_after), "c_start_after", "an integer", c_start_after)
+    checks.number(target_acc, "target_acc", 0.0, 1.0)
     return CController(float(c0), float(c_factor), float(target_acc), c_start_after, c_every)
-
-
-def check_positive(key: str, value: object, *, integer: bool) -> None:
-    """Raise ``ConfigError(defense.<key>)`` unless ``value`` is a positive int (or number)."""
-    kinds = int if integer else int | float
-    if isinstance(value, bool) or not isinstance(value, kinds) or value <= 0:
-        kind = "an integer" if integer else "a number"
-        raise ConfigError(f"defense.{key}", f"must be {kind} > 0, got {value!r}")
 
 
 def check_floor(value: object) -> float | None:
     """``defense.bound_floor``: null or a number."""
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        raise ConfigError("defense.bound_floor", f"must be null or a number, got {value!r}")
-    return float(value)
+    ok = value is None or math.isfinite(checks.as_number(value))
+    checks.require(ok, "bound_floor", "null or a number", value)
+    return None if value is None else float(value)  # type: ignore[arg-type]

@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from benchmark import progress
 from benchmark.errors import ConfigError
+from benchmark.models.trace import completion_order, trace
 
 log = logging.getLogger(__name__)
 
@@ -85,31 +86,15 @@ def clip_points(model: nn.Module) -> list[ClipPoint]:
             "activation clipping needs activations as modules, not functional calls",
         )
     names = {s.module: s.name for s in sites}
-    calls: list[tuple[str, Tensor, Tensor]] = []  # (site, input, output) in execution order
-    linear_outputs: list[Tensor] = []
-
-    def site_hook(module: nn.Module, inputs: tuple, output: object) -> None:
-        if not isinstance(output, Tensor):
-            raise TypeError(f"activation {names[module]} returns {type(output).__name__}")
-        first = next((t for t in inputs if isinstance(t, Tensor)), None)
-        calls.append((names[module], first, output))
-
-    def linear_hook(module: nn.Module, inputs: tuple, output: object) -> None:
-        linear_outputs.append(output)
-
-    handles = [s.module.register_forward_hook(site_hook) for s in sites]
-    handles += [
-        m.register_forward_hook(linear_hook) for m in model.modules() if isinstance(m, nn.Linear)
-    ]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(model.example_input())
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    traced = completion_order(trace(model, [*names, *linears]))
+    linear_outputs = [c.output for c in traced if c.module in linears]
+    calls: list[tuple[str, Tensor | None, Tensor]] = []  # (site, input, output), in order
+    for c in traced:
+        if c.module in names:
+            if c.output is None:
+                raise TypeError(f"activation {names[c.module]} returns a non-tensor")
+            calls.append((names[c.module], c.input, c.output))
 
     points, seen = [], {}
     for site, inp, out in calls:

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from attacks.inversion import trigger_asr
 from benchmark import progress
 from benchmark.data import to_float
 from benchmark.train import predict, resolve_device
@@ -132,3 +133,22 @@ class Ranking:
     mask: Tensor | None = None
     pattern: Tensor | None = None
     fit_asr: float | None = None
+
+
+def inverted_asr(
+    model: nn.Module, data: ImageSet, ranking: Ranking, device: torch.device, batch_size: int
+) -> float | None:
+    """The inverted trigger's ASR on ``data`` (None without an inverted trigger)."""
+    if ranking.mask is None or ranking.pattern is None or ranking.target is None:
+        return None
+    asr, _, _ = trigger_asr(
+        model,
+        data.x,
+        data.y,
+        ranking.mask,
+        ranking.pattern,
+        ranking.target,
+        device=device,
+        batch_size=batch_size,
+    )
+    return asr

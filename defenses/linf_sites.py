@@ -1,13 +1,11 @@
 """Where ``defense=linf_prune`` measures and masks the last conv layer's channels.
 
-Masks are persistent: a ``(C,)`` buffer ``linf_prune_mask`` registered on the site module plus a
-forward hook that multiplies the site's output by it. The buffer is part of ``state_dict``
-(``restore_masks`` re-attaches hooks to a fresh model before loading), the hook survives
-``copy.deepcopy`` and pickling (a module-level function reading the buffer of the module it is
-called on), and fine-tuning cannot revive a pruned channel: its output is multiplied by 0 after
-the activation, whatever the conv, norm or BatchNorm bias learn.
+The site's output is masked with ``defenses/masking.py`` (a persistent ``channel_mask`` buffer
+and hook): a pruned channel is multiplied by 0 after the activation, whatever the conv, norm or
+BatchNorm bias learn in fine-tuning.
 
-Where the map is taken (found by tracing one forward pass with hooks, no per-model code):
+Where the map is taken (found with the model tracer, ``benchmark/models/trace.py``; no per-model
+code):
 
 - The site is the first activation module called after the last conv's norm layer (or after
   the conv itself when it has no norm), provided it is called once per forward and its output
@@ -33,16 +31,13 @@ Where the map is taken (found by tracing one forward pass with hooks, no per-mod
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor, nn
 
 from benchmark.errors import ConfigError
-from benchmark.models.base import ACTIVATION_TYPES, ImageClassifier
-
-MASK_BUFFER = "linf_prune_mask"
+from benchmark.models.base import ImageClassifier
+from benchmark.models.trace import ACTIVATION_TYPES, completion_order, trace
 
 
 # -- where to measure and mask ----------------------------------------------------------------
@@ -89,13 +84,10 @@ def find_site(model: nn.Module) -> PruneSite:
         return PruneSite(names[last.norm], last.norm, last.name, channels, "norm")
 
     sites = {s.module: s for s in model.activation_sites()}
-    calls: list[tuple[nn.Module, tuple[int, ...] | None]] = []
-
-    def record(module: nn.Module, inputs: tuple, output: object) -> None:
-        shape = tuple(output.shape) if isinstance(output, Tensor) else None
-        calls.append((module, shape))
-
-    _probe(model, [anchor, *sites], record)
+    calls = [
+        (c.module, tuple(c.output.shape) if c.output is not None else None)
+        for c in completion_order(trace(model, [anchor, *sites]))
+    ]
     at = max(i for i, (m, _) in enumerate(calls) if m is anchor)
     anchor_shape = calls[at][1]
     nxt = next(((m, s) for m, s in calls[at + 1 :] if m in sites), None)
@@ -122,13 +114,8 @@ def _past_residual_add(
     channel of the final feature map, shortcut included, as masking ResNet-18's post-add ReLU
     does.
     """
-    calls: list[tuple[nn.Module, object]] = []
-
-    def record(module: nn.Module, inputs: tuple, output: object) -> None:
-        calls.append((module, output))
-
     modules = [m for m in names if m is not model]
-    _probe(model, modules, record)
+    calls = [(c.module, c.output) for c in completion_order(trace(model, modules))]
     at = max(i for i, (m, _) in enumerate(calls) if m is site.module)
     out = calls[at][1]
     # Only the blocks containing the site can add a shortcut to it (not, e.g., a global pool
@@ -149,57 +136,3 @@ def _past_residual_add(
     if sum(m is module for m, _ in calls) != 1:
         return site  # a shared module: its output is not one place in the network
     return PruneSite(names[module], module, site.conv_name, site.channels, "block")
-
-
-def _probe(model: ImageClassifier, modules: list[nn.Module], hook: Callable[..., None]) -> None:
-    """One eval-mode forward pass of a probe batch with ``hook`` on ``modules``."""
-    handles = [m.register_forward_hook(hook) for m in modules]
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            model(model.example_input(2))
-    finally:
-        model.train(was_training)
-        for h in handles:
-            h.remove()
-
-
-# -- persistent channel masks -------------------------------------------------------------------
-def _apply_mask(module: nn.Module, inputs: tuple, output: Tensor) -> Tensor:
-    """Forward hook: zero the pruned channels of ``output`` ``(N, C, ...)``."""
-    mask = getattr(module, MASK_BUFFER)
-    shape = (1, -1) + (1,) * (output.dim() - 2)
-    return output * mask.to(output.dtype).view(shape)
-
-
-def install_mask(module: nn.Module, channels: int) -> Tensor:
-    """Give ``module`` a ``(channels,)`` mask buffer of ones and the hook applying it (once).
-
-    Returns the buffer; write zeros into it to prune.
-    """
-    existing = getattr(module, MASK_BUFFER, None)
-    if existing is not None:
-        if existing.shape != (channels,):
-            raise ValueError(f"{MASK_BUFFER} has shape {tuple(existing.shape)}, not ({channels},)")
-        return existing
-    device = next(iter(module.buffers()), next(iter(module.parameters()), torch.empty(0))).device
-    module.register_buffer(MASK_BUFFER, torch.ones(channels, device=device))
-    module.register_forward_hook(_apply_mask)
-    return getattr(module, MASK_BUFFER)
-
-
-def restore_masks(model: nn.Module, state_dict: Mapping[str, Tensor]) -> list[str]:
-    """Install a mask wherever ``state_dict`` (of a pruned model) has one, so that
-    ``model.load_state_dict(state_dict)`` then restores the pruning. Returns the module names."""
-    suffix = "." + MASK_BUFFER
-    names = [k[: -len(suffix)] for k in state_dict if k.endswith(suffix)]
-    for name in names:
-        install_mask(model.get_submodule(name), int(state_dict[name + suffix].numel()))
-    return names
-
-
-def set_pruned(mask: Tensor, channels: Tensor) -> None:
-    """Mask exactly ``channels`` (int64 indices): zeros there, ones elsewhere."""
-    mask.fill_(1.0)
-    mask[channels.to(mask.device)] = 0.0

@@ -2,73 +2,26 @@
 
 Wang, Xiang, Miller, Kesidis. "Improved Activation Clipping for Universal Backdoor Mitigation and
 Test-Time Detection". arXiv:2308.04617, 2023. Official code: github.com/wanghangpsu/MMAC
-(``mmac.py``, ``mmdf.py``, commit dd1c79e), whose behaviour this follows.
+(``mmac.py``, ``mmdf.py``, commit dd1c79e), whose behaviour this follows. Post-training: the
+trained model (white box) and a small clean labelled set; the weights are never changed.
 
-Threat model and stage: post-training. The defender has the trained, possibly backdoored model
-(white box) and a small clean labelled set; it knows nothing of the trigger, target class(es) or
-poison rate. The weights are never changed.
+MMAC: a learnable upper bound per channel after every activation site (``min(h, Z)``; all of
+``model.activation_sites()``, ``defenses/clipping.py``), trained with Adam, the base network
+frozen, on ``MSE(clipped logits, original logits) + c * sum of the margins`` of synthetic
+maximum-margin inputs (``synth_*``), over ``per_class`` correctly classified clean images per
+class; ``c`` adapts to hold the clean agreement at ``target_acc`` (``defenses/bound_fit.py``).
+MMDF flags an input whose margin drops by more than mean + ``mmdf_z`` std of the clean drops;
+the system answers a flagged input with the clipped network's best other class and an
+unflagged one with the original prediction (the result's ``input_detector``). The defended
+model is the clipped network.
 
-MMAC: a learnable upper bound per channel after every activation site (``min(h, Z)``, the
-17 post-ReLU sites of the official ResNet-18, all of ``model.activation_sites()`` here), all
-initialised to ``init_bound``, trained with Adam while the base network stays frozen in eval
-mode. The loss of each step pairs a clean batch with a batch of synthetic maximum-margin inputs:
-
-    MSE(clipped logits, original logits)  +  c * sum over the synthetic batch of its margins
-
-where a synthetic input of class k starts as U[0, 1] noise and takes ``synth_steps`` SGD steps
-maximising ``g_k(x) - max_{j != k} g_j(x)`` on the original network (``synthesize_on``);
-``synth_per_class`` per class, regenerated every ``synth_every`` epochs. The clean data are
-``per_class`` images per class that the backdoored model classifies correctly. ``c`` starts at
-``c0``; after epoch e (0-based) with e > 30 and e % 10 == 0 it is multiplied by 1.2 if the
-epoch's running accuracy of the clipped model on the clean data (= agreement with the original
-model, as the data are filtered) is >= 95%, else divided by 1.2. The clipped model is the result.
-
-MMDF (``mmdf.py``): for an input x with original prediction y, ``d(x) = margin_y(original) -
-margin_y(clipped)``; the threshold is mean + ``mmdf_z`` * std (unbiased, as ``torch.std``) of d
-over the clean images drawn (before the correctness filter, as ``mmdf.py``). The system
-(``Defense_Net.forward``) answers a flagged input with the clipped network's best class other
-than y, and an unflagged one with the ORIGINAL network's prediction y. Returned as the result's
-``input_detector`` (``score``, ``threshold``, ``correct``, and ``predict`` = the original
-network); the runner scores it (det_tpr/det_fpr/det_auroc, and the system's
-system_clean_acc / system_asr), which the official script does not compute except the last two.
-The defended model (clean_acc / asr of the run) is the clipped network, as ``mmac.py`` reports.
-(Records made before this composition was fixed answered unflagged inputs with the clipped
-network, which understated the system's CA by ~5 points on mnist5k BadNets.)
-
-Checked against the official scripts on a fixed input (``tests/defenses/
-test_clipping_fidelity.py``): the same bounds, synthetic margins, MMDF statistic, threshold and
-system labels to float rounding after 2 epochs; after 42, within the official code's own
-run-to-run spread (bound training is chaotic), with the same ``c`` and labels. The extras flag
-``controller_failed`` when the final clean agreement is below ``target_acc`` (with a warning):
-then ``c`` never reached its working range and the clipped model's CA cost is not the method's
-trade-off (seen on CIFAR presets, agreement 0.54 at 100 epochs; the official code behaves so
-too).
-
-Deviations from the official code, and why:
-
-1. Clean data come from the defender's clean reserve (a stratified part of the training split),
-   ``per_class`` seeded random images per class, not the first 50 per class of the test split
-   (the harness never shows test data to a defense). With a smaller reserve each class gives
-   what it has (``n_clean_selected``, ``clean_per_class_min`` in the extras).
-2. Sites are the model's activation modules, found by tracing, so any harness model works
-   (the official code rewrites ResNet-18's forward); a module called several times gets one
-   bound per call; 2-D (linear) and token activations get per-feature bounds.
-3. The bounds are ``nn.Parameter`` s of the wrapper, so they are in its ``state_dict`` (the code
-   keeps plain tensors and pickles the whole module). As in the code they are not constrained
-   to be >= 0 (``bound_floor: null``). The summed-margin term is unbounded below, and a
-   negative bound turns a channel into a negative constant, so where ``c`` is large for the
-   model's margin scale the bounds can run negative and wreck clean accuracy (seen on a
-   CIFAR-10 PreAct-ResNet, bound_min -10); ``bound_floor: 0.0`` projects them onto ``>= 0``
-   after every Adam step, an option the code does not have.
-4. Synthesis runs for all classes at once (chunks of 500 images) instead of one class at a time,
-   and the original logits of the clean data are computed once instead of per batch; both are
-   the same computation, as the network is in eval mode.
-5. Margins use an exact masked maximum over the other classes instead of the code's "-1000 on
-   the own class" trick (different only if every other logit is below -1000).
-6. ``synthesize_on: clipped`` (synthesise against the current clipped network) is an option the
-   code does not have; the default ``original`` is the code's behaviour.
-7. Training runs in fp32 as the code does, with NHWC batches where the recipe's
-   ``channels_last`` is on (same result up to rounding).
+Checked against the official scripts on a fixed input in
+``tests/defenses/test_clipping_fidelity.py``; ``controller_failed`` in the extras flags a run
+whose final clean agreement is below ``target_acc``. Deviations (reasons and measurements in
+``docs/methods/mmac.md``): clean data from the defender's reserve, not the test split; sites
+found by tracing on any model, one bound per call of a shared module; bounds are parameters
+in the ``state_dict``, optionally floored (``bound_floor``); synthesis batched over classes;
+an exact masked margin; ``synthesize_on: clipped`` as an option; NHWC batches where enabled.
 """
 
 from __future__ import annotations
@@ -84,12 +37,12 @@ from torch import Tensor
 
 from benchmark.errors import ConfigError
 from benchmark.train import use_channels_last
+from defenses import checks
 from defenses.base import Defense, DefenseContext, DefenseResult, InputDetector, Stage
 from defenses.bound_fit import (
     batched,
     bound_extras,
     check_floor,
-    check_positive,
     controller_from,
     fit_bounds,
     prepare_clean,
@@ -253,20 +206,13 @@ class MMAC(Defense):
             ("synth_per_class", synth_per_class),
             ("synth_every", synth_every),
         ):
-            check_positive(key, value, integer=True)
-        check_positive("lr", lr, integer=False)
-        check_positive("synth_lr", synth_lr, integer=False)
-        if isinstance(synth_steps, bool) or not isinstance(synth_steps, int) or synth_steps < 0:
-            raise ConfigError(
-                "defense.synth_steps", f"must be an integer >= 0, got {synth_steps!r}"
-            )
-        if synthesize_on not in SYNTHESIZE_ON:
-            raise ConfigError(
-                "defense.synthesize_on", f"must be one of {SYNTHESIZE_ON}, got {synthesize_on!r}"
-            )
-        for key, value in (("mmdf_z", mmdf_z), ("init_bound", init_bound)):
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"defense.{key}", f"must be a number, got {value!r}")
+            checks.integer(value, key)
+        checks.number(lr, "lr", 0.0, low_open=True)
+        checks.number(synth_lr, "synth_lr", 0.0, low_open=True)
+        checks.integer(synth_steps, "synth_steps", 0)
+        checks.one_of(synthesize_on, "synthesize_on", SYNTHESIZE_ON)
+        checks.number(mmdf_z, "mmdf_z")
+        checks.number(init_bound, "init_bound")
         self.controller = controller_from(c0, c_factor, target_acc, c_start_after, c_every)
         self.per_class, self.batch_size, self.epochs, self.lr = per_class, batch_size, epochs, lr
         self.init_bound = float(init_bound)

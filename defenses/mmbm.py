@@ -2,58 +2,25 @@
 
 Wang, Xiang, Miller, Kesidis. "MM-BD: Post-Training Detection of Backdoor Attacks with Arbitrary
 Backdoor Pattern Types Using a Maximum Margin Statistic". IEEE S&P 2024, arXiv:2205.06900.
-Official code: github.com/wanghangpsu/MM-BD, ``univ_bm.py`` (commit 903338d), whose behaviour this
-follows; the mitigation was runner-up of the first IEEE Trojan Removal Competition. The MMAC
-paper (arXiv:2308.04617) compares against it as the activation-clipping baseline.
+Official code: github.com/wanghangpsu/MM-BD, ``univ_bm.py`` (commit 903338d), whose behaviour
+this follows. Post-training: the trained model and a small clean labelled set; the weights are
+never changed.
 
-Threat model and stage: post-training; the trained, possibly backdoored model and a small clean
-labelled set; no knowledge of the attack. The weights are never changed.
+Method: per-channel upper bounds ``min(h, Z)`` at three sites, initialised to ``init_bound``,
+trained with Adam on ``MSE(clipped logits, original logits) + c * sum_s ||Z_s||_2`` over
+``per_class`` correctly classified clean images per class, ``c`` adapted to hold the clean
+agreement at 95% (``defenses/bound_fit.py``). No input detector (the code has none).
 
-Method: per-channel upper bounds ``min(h, Z)`` at three sites (ResNet-18: after the stem ReLU,
-after layer1's output, after layer2's output), initialised to ``init_bound`` = 8, trained with
-Adam (lr 0.1, 50 epochs) on
+Sites on any harness model (``sites: null``): the activation sites are cut into stages (runs
+of consecutive sites with the same top-level module and output size); the clip sites are the
+last site of each of the first ``n_sites`` stages, skipping squeeze-excite gates; the first
+``n_sites`` sites when there are fewer stages (a ViT). That gives the official three on
+``resnet18``; the per-model lists are in ``docs/methods/mmbm.md``. ``sites`` may name them.
 
-    MSE(clipped logits, original logits) + c * (||Z_1||_2 + ||Z_2||_2 + ||Z_3||_2)
-
-over ``per_class`` clean images per class that the model classifies correctly. ``c`` starts at
-0.5; after epoch e (0-based) with e > 10 and e % 10 == 0 (epochs 20, 30, 40) it is multiplied by
-1.2 if the epoch's running accuracy of the clipped model on the clean data (= agreement with the
-original model) is >= 95%, else divided by 1.2. The clipped model is the result; there is no
-input detector (the code has none).
-
-Which sites, on any harness model (``sites: null``): the activation sites (``clip_points``) are
-cut into stages, maximal runs of consecutive sites with the same top-level module (first
-component of the site's name) and the same output size without the channel axis; the clip sites
-are the last site of each of the first ``n_sites`` stages. That gives the official three on
-``resnet18`` (``relu``, ``layer1.1.relu2``, ``layer2.1.relu2``) and the ends of the first three
-stages on the others:
-
-- small_cnn: ``block1.2``, ``block2.2``, ``block3.2`` (all its sites);
-- vgg16_bn: ``features.5``, ``features.12``, ``features.22`` (the last ReLU before each of the
-  first three max-pools);
-- nin: ``features.5``, ``features.13``, ``features.19``;
-- preact_resnet18 (no stem activation; ``layer2.0.relu1`` is the activated layer1 output, at
-  layer1's resolution): ``layer1.1.relu2``, ``layer2.0.relu1``, ``layer2.1.relu2``;
-- timm models (all under ``net.``): by resolution, e.g. resnet18 ``net.act1``,
-  ``net.layer1.1.act2``, ``net.layer2.1.act2`` (its max-pool separates stem and layer1).
-
-A site whose output is smaller (without the channel axis) than both its neighbours' is a gate
-inside a block (squeeze-excite in timm's EfficientNet and MobileNet) and is skipped. When a model
-has fewer stages than ``n_sites`` (a ViT: every site has the same token shape), the first
-``n_sites`` sites are used. ``sites`` may instead name the activation modules to clip.
-
-Deviations from the official code, and why:
-
-1. Clean data come from the defender's clean reserve (training split), ``per_class`` seeded
-   random images per class, not the first 50 per class of the test split; fewer where the
-   reserve has fewer (``n_clean_selected``, ``clean_per_class_min`` in the extras).
-2. Sites are chosen by the rule above so that any harness model works (the code rewrites
-   ResNet-18's forward); a shared activation module gets one bound per call.
-3. The bounds are ``nn.Parameter`` s in the wrapper's ``state_dict`` (the code keeps plain
-   tensors); as in the code they are not constrained to be >= 0.
-4. The original logits of the clean data are computed once instead of per batch (the network is
-   frozen and in eval mode, so they are the same); NHWC batches where the recipe's
-   ``channels_last`` is on.
+Deviations (reasons in ``docs/methods/mmbm.md``): clean data from the defender's reserve, not
+the test split; sites by the rule above, one bound per call of a shared module; bounds are
+parameters in the ``state_dict``, unconstrained as in the code (``bound_floor`` optional);
+original logits computed once; NHWC batches where enabled.
 """
 
 from __future__ import annotations
@@ -71,11 +38,11 @@ from torch import Tensor
 
 from benchmark.errors import ConfigError
 from benchmark.train import use_channels_last
+from defenses import checks
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
 from defenses.bound_fit import (
     bound_extras,
     check_floor,
-    check_positive,
     controller_from,
     fit_bounds,
     prepare_clean,
@@ -169,16 +136,16 @@ class MMBM(Defense):
             ("epochs", epochs),
             ("n_sites", n_sites),
         ):
-            check_positive(key, value, integer=True)
-        check_positive("lr", lr, integer=False)
-        if isinstance(init_bound, bool) or not isinstance(init_bound, int | float):
-            raise ConfigError("defense.init_bound", f"must be a number, got {init_bound!r}")
-        if sites is not None:
-            if not isinstance(sites, list | tuple | ListConfig) or not sites:
-                raise ConfigError(
-                    "defense.sites", f"must be null or a list of names, got {sites!r}"
-                )
-            sites = [str(s) for s in sites]
+            checks.integer(value, key)
+        checks.number(lr, "lr", 0.0, low_open=True)
+        checks.number(init_bound, "init_bound")
+        checks.require(
+            sites is None or (isinstance(sites, list | tuple | ListConfig) and len(sites) > 0),
+            "sites",
+            "null or a list of names",
+            sites,
+        )
+        sites = None if sites is None else [str(s) for s in sites]
         self.controller = controller_from(c0, c_factor, target_acc, c_start_after, c_every)
         self.per_class, self.batch_size, self.epochs, self.lr = per_class, batch_size, epochs, lr
         self.init_bound, self.n_sites, self.sites = float(init_bound), n_sites, sites

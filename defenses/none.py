@@ -1,100 +1,30 @@
-"""``defense=NONE``: NON-linearity-based backdoor removal (Wang, Ding, Zhai, Ma, arXiv 2202.06382).
+"""``defense=NONE``: NON-linearity-based backdoor removal (Wang, Ding, Zhai, Ma, NeurIPS 2022).
 
 "Training with More Confidence: Mitigating Injected and Natural Backdoors During Training",
-NeurIPS 2022. Module ``defenses/none.py`` (with ``none_scores.py``, ``none_reset.py`` and
-``none_passes.py``), class ``NONE``, config ``conf/defense/NONE.yaml`` (the field's spelling;
-nothing here is named ``none``, which a backdoor benchmark would read as "no defense").
-Official code: RU-System-Software-and-Security/NONE, commit 624b80f. The channel scores, reset
-sets, detection channels and Jenks split are checked against its ``analyze_neuros`` on a fixed
-input in ``tests/defenses/test_none_fidelity.py``.
+arXiv:2202.06382. Official code: RU-System-Software-and-Security/NONE, commit 624b80f; scores,
+reset sets, detection channels and the Jenks split are checked against its ``analyze_neuros``
+in ``tests/defenses/test_none_fidelity.py``. Stage: in-training; the defender is the trainer
+(the whole training set without poison marks, no clean reserve).
 
-Threat model: the defender is the trainer. It holds the whole (possibly poisoned) training set
-without poison marks, no clean reserve, and knows neither the trigger, the target nor the
-poison rate. Stage: in-training.
+The paper: a backdoor lives in neurons whose activation acts as a hyperplane separating
+target-label inputs from every other label's. Each round (``rounds``) scores every monitored
+conv channel (``model.monitored_conv_layers()``) by that hyperplane test on the spatial maxima
+of its output (``none_scores.py``, ``none_passes.py``), resets each layer's top
+``ceil(reset_fraction * C)`` channels (filter, norm and consumers' input slices:
+``none_reset.py``), flags the samples whose summed top-channel activation falls in the upper
+Jenks class, and fine-tunes on the rest with the norm statistics frozen. This module holds the
+orchestration; ``none_report.py`` the extras and ``work_dir/none_rounds.pt``.
 
-Idea (abstract): a backdoor lives in neurons whose activation acts as a hyperplane that
-separates "target-label" inputs from the input domains of every other label. NONE finds such
-neurons, resets them, drops the training samples that drive them, and keeps training.
+Deviations (details and reasons in ``docs/methods/NONE.md``):
 
-Algorithm (as the official code runs it, notes ``defenses-ultraclean-none-linf.md`` section 2):
-
-1. Phase 1, ordinary training: the harness's cached backdoored model (``ctx.model``; a deep
-   copy is changed, never the input).
-2. ``rounds`` rounds of:
-
-   a. Statistics, in eval mode over the whole training set without augmentation, in fp32: the
-      softmax ``p_i`` of every sample and, for every monitored conv ``l`` and channel ``j``, the
-      spatial maximum ``a_lj(x_i)`` of the conv's output (before its norm layer and activation).
-      Monitored convs: ``model.monitored_conv_layers()`` (layer2-4 of the ResNets, every conv of
-      VGG, the inner convs of NiN, all convs of other models).
-   b. Channel score (the hyperplane test): for each class ``k``, ``H_k = {i: p_ik > lambda_high}``
-      and ``L_k = {i: p_ik < lambda_low}``;
-      ``d_ljk = max_{i in H_k} a_lj(x_i) - (mean_{L_k} a_lj + n_std * std_{L_k} a_lj)`` with the
-      population standard deviation (numpy's default, as the official code); ``s_lj = max_k
-      d_ljk``, where a class with an empty ``H_k`` (or ``L_k``) contributes 0.
-   c. Reset selection: the top ``ceil(reset_fraction * C_l)`` channels of every monitored layer
-      by ``s_lj``, each layer its own selection (ties: lower channel index first).
-   d. Poisoned-sample detection: ``u_i = sum_l a_{l, j*_l}(x_i)`` with ``j*_l`` each layer's top
-      channel (or its top ``ceil(detect_fraction * C_l)`` channels), split in two by Jenks
-      natural breaks; flagged: ``u_i >= t`` with ``t`` jenkspy's ``breaks[1]`` (the lower
-      class's largest value), as the official code (``flag_break_value: true``); ``false``
-      flags the upper class only (``u_i > t``). The flags are recomputed from the whole set
-      every round (not cumulative).
-   e. Reset: each selected channel's filter (and conv bias) is zeroed, so are the weight and
-      bias of the norm layer fed by the conv, and the input slice of every layer that consumes
-      the channel (``defenses/none_reset.py``). Plain zeros, not masks: weights may regrow.
-   f. Fine-tune for ``finetune_epochs`` on the unflagged samples (all samples with
-      ``exclude_flagged: false``, the natural-backdoor setting) with the training augmentation,
-      SGD lr ``finetune_lr`` (constant), momentum 0.9, weight decay 1e-4, batch 128, and every
-      norm layer in eval mode (running statistics fixed) with its affine parameters trained,
-      as the official ``fix_bn`` (``freeze_norm_affine: false``; ``true`` freezes them too).
-
-``train_flags`` / ``train_scores`` are the last round's flags and ``u``. ``extras``: the layer
-and channel counts, ``reset_per_layer`` (``name:k`` pairs), the layers without a traced
-consumer, and per round ``round<r>_*``: channels reset, samples flagged, the Jenks threshold,
-classes without a confident sample, fine-tuning size and last-epoch training accuracy, and the
-analysis and fine-tuning seconds; totals in ``analysis_s`` and ``finetune_s``. The per-layer
-channel scores, the reset channels and the per-round flags go to ``work_dir/none_rounds.pt``.
-
-A model that is not a harness ``ImageClassifier``, has no monitored conv, calls a monitored conv
-more than once per forward pass, or pairs a conv with a norm whose affine parameters do not
-match its channels fails with a ``ConfigError`` naming ``model`` and the reason.
-
-Reference::
-
-    @inproceedings{wang2022none,
-      title     = {Training with More Confidence: Mitigating Injected and Natural Backdoors
-                   During Training},
-      author    = {Wang, Zhenting and Ding, Hailun and Zhai, Juan and Ma, Shiqing},
-      booktitle = {Advances in Neural Information Processing Systems (NeurIPS)},
-      year      = {2022},
-      note      = {arXiv:2202.06382}
-    }
-
-Deviations from the official code:
-
-- Official bug not copied: the ResNet-18 reset (``none/reset_neurons.py``) never clears its
-  channel list before ``Layer4.0.Conv1``, ``Layer4.0.Conv2``, ``Layer4.1.Conv1`` and
-  ``Layer4.1.Conv2``, so those convs also zero the channels chosen for the layers before them
-  (``Layer4.1.Conv2`` the union of four lists, and those ``fc`` columns too). Here each layer
-  resets its own selection; the official sets are pinned in the fidelity test.
-- Phase 1 is the harness's training recipe (cached model), not 200-320 epochs of SGD lr 0.1
-  with a step decay every 80 epochs; the fine-tuning optimiser is a fresh SGD (no momentum
-  buffers carried over from phase 1).
-- Statistics are the conv output for every monitored conv, the ResNet shortcut (downsample)
-  conv included; the official code hooks the downsample branch after its BatchNorm.
-- ResNet ``conv2`` channels: the official code also zeroes the next block's ``conv1`` input
-  slice across the residual addition; here a trace ends at the addition (the stream's channel
-  also carries the shortcut, which is not the reset channel's alone).
-- The Jenks split is computed exactly in O(n log n) (``none_scores.py``); no distinct values:
-  nothing is flagged.
-- A class whose low set ``L_k`` is empty contributes 0 (the official mean of an empty set is
-  NaN). Channel ties sort stably, lower index first (the official reversed argsort prefers
-  higher indices).
-- The summed detection activation is not multiplied by the number of classes (the official
-  loop adds it once per class; a constant factor that no split depends on).
-- Mixed precision in fine-tuning follows the run's recipe (``train.amp``); the analysis runs
-  in fp32.
+- the official ResNet-18 reset's un-cleared layer4 channel lists are not copied: each layer
+  resets its own selection (the official sets are pinned in the fidelity test);
+- phase 1 is the harness's cached model and recipe; fine-tuning uses a fresh SGD;
+- statistics hook every monitored conv's output (the shortcut conv before its BatchNorm), and a
+  reset trace ends at a residual addition;
+- exact O(n log n) Jenks split; empty sets contribute 0; channel ties sort stably (lower index
+  first); the detection sum is not multiplied by the number of classes (a constant factor);
+- fine-tuning follows the run's mixed precision; the analysis runs in fp32.
 """
 
 from __future__ import annotations
@@ -112,41 +42,14 @@ from torch import nn
 from benchmark.errors import ConfigError
 from benchmark.seeding import derive_seed
 from benchmark.types import ImageSet
+from defenses import checks
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
-from defenses.checks import as_number, is_int, require
-from defenses.none_passes import FROZEN_NORMS, collect_statistics, frozen_norms, summed_activation
+from defenses.none_passes import collect_statistics, frozen_norms, summed_activation
 from defenses.none_report import RoundReport, round_extras, save_rounds
-from defenses.none_reset import PASS_THROUGH, InputSlice, ResetSite, reset_channels, reset_sites
-from defenses.none_scores import (
-    HyperplaneStats,
-    JenksSplit,
-    hyperplane_scores,
-    jenks_flags,
-    jenks_two_classes,
-    n_reset,
-    top_channels,
-)
+from defenses.none_reset import ResetSite, reset_channels, reset_sites
+from defenses.none_scores import jenks_flags, n_reset, top_channels
 
-__all__ = [  # the split modules' API, re-exported
-    "FROZEN_NORMS",
-    "NONE",
-    "PASS_THROUGH",
-    "HyperplaneStats",
-    "InputSlice",
-    "JenksSplit",
-    "ResetSite",
-    "RoundReport",
-    "collect_statistics",
-    "frozen_norms",
-    "hyperplane_scores",
-    "jenks_flags",
-    "jenks_two_classes",
-    "n_reset",
-    "reset_channels",
-    "reset_sites",
-    "summed_activation",
-    "top_channels",
-]
+__all__ = ["NONE"]
 
 log = logging.getLogger(__name__)
 
@@ -231,41 +134,24 @@ class NONE(Defense):
             )
 
     def _check_settings(self) -> None:
-        _check(
-            0.0 < as_number(self.reset_fraction) <= 1.0,
-            "reset_fraction",
-            "a number in (0, 1]",
-            self,
-        )
+        checks.number(self.reset_fraction, "reset_fraction", 0.0, 1.0, low_open=True)
         for key in ("rounds", "finetune_batch_size", "batch_size"):
-            _check(
-                is_int(getattr(self, key)) and getattr(self, key) >= 1, key, "an integer >= 1", self
-            )
-        _check(
-            is_int(self.finetune_epochs) and self.finetune_epochs >= 0,
-            "finetune_epochs",
-            "an integer >= 0",
-            self,
-        )
-        _check(as_number(self.finetune_lr) > 0, "finetune_lr", "a number > 0", self)
+            checks.integer(getattr(self, key), key)
+        checks.integer(self.finetune_epochs, "finetune_epochs", 0)
+        checks.number(self.finetune_lr, "finetune_lr", 0.0, low_open=True)
         for key in ("finetune_momentum", "finetune_weight_decay", "n_std"):
-            _check(as_number(getattr(self, key)) >= 0, key, "a number >= 0", self)
+            checks.number(getattr(self, key), key, 0.0)
         for key in ("lambda_low", "lambda_high"):
-            _check(0.0 <= as_number(getattr(self, key)) <= 1.0, key, "a number in [0, 1]", self)
-        _check(
-            as_number(self.lambda_low) < as_number(self.lambda_high),
+            checks.number(getattr(self, key), key, 0.0, 1.0)
+        checks.require(
+            self.lambda_low < self.lambda_high,
             "lambda_low",
             f"below lambda_high = {self.lambda_high!r}",
-            self,
+            self.lambda_low,
         )
-        _check(
-            self.detect_fraction is None or 0.0 < as_number(self.detect_fraction) <= 1.0,
-            "detect_fraction",
-            "null or a number in (0, 1]",
-            self,
-        )
+        checks.null_or_number(self.detect_fraction, "detect_fraction", 0.0, 1.0, low_open=True)
         for key in ("augment", "exclude_flagged", "freeze_norm_affine", "flag_break_value"):
-            _check(isinstance(getattr(self, key), bool), key, "true or false", self)
+            checks.boolean(getattr(self, key), key)
 
     def _recipe(self, base: DictConfig) -> DictConfig:
         """The fine-tuning recipe: the official optimiser at a constant learning rate; only the
@@ -403,7 +289,3 @@ class NONE(Defense):
             train_scores=last.u.float(),
             extras=round_extras(sites, per_layer, no_consumer, reports),
         )
-
-
-def _check(ok: bool, key: str, what: str, defense: NONE) -> None:
-    require(ok, key, what, getattr(defense, key))

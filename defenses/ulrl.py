@@ -1,72 +1,30 @@
-"""``defense=ulrl``: UnLearn and ReLearn (Min, Pham and Sun, arXiv 2405.14781).
+"""``defense=ulrl``: UnLearn and ReLearn (Min, Pham and Sun, arXiv 2405.14781, 2024).
 
-Post-training repair of a possibly backdoored classifier with a small clean set (1% of the
-training split, drawn from the defender's clean reserve).
+"Unified Neural Backdoor Removal with Only Few Clean Samples through Unlearning and
+Relearning". Post-training: white-box model and a small clean set (1% of the training split);
+no knowledge of the trigger, the target or whether there is an attack.
 
-1. **Unlearn.** A copy of the model is trained by gradient *ascent* on the clean set (the
-   cross-entropy negated) until its running training accuracy of an epoch is at most 0.20.
-2. **Score.** Each row of the final linear layer (one per class) is scored by the L1 norm of
-   its weight change, unlearned minus original. Rows with a robust z-score (median and MAD,
-   scale 1.4826) above 3.5 *and* a score above the median are flagged, at most two.
-3. **Relearn.** Restarting from the backdoored weights, the flagged rows are re-initialised
-   (weights uniform in +-sqrt(2 / fan_in), biases 0) and the whole network is fine-tuned on the
-   same clean set with ``CE + alpha * sum_j cos(W_j, W0_j)`` over the flagged rows ``j``.
-   Minimising the cosine pushes each re-initialised row *away* from the direction of its
-   backdoored original (towards cos = -1), the "significant weight deviation" of the paper.
+1. **Unlearn.** A copy is trained by gradient ascent on the clean set until its running
+   training accuracy of an epoch is at most ``stop_acc`` (0.20).
+2. **Score.** Each row of the final linear layer is scored by the L1 norm of its weight change;
+   rows with a robust z-score (median, MAD x 1.4826) above 3.5 and above the median are
+   flagged, at most two (``ulrl_parts.select_rows``).
+3. **Relearn.** From the backdoored weights, the flagged rows are re-initialised and the whole
+   network is fine-tuned with ``CE + alpha * sum_j cos(W_j, W0_j)``, pushing each row away from
+   its backdoored original.
 
-Threat model: white-box access to the trained model and a small clean labelled set; no
-knowledge of the trigger, the target class, the poison rate or whether there is an attack; the
-poisoned training set is not used.
+Follows the official code (github.com/NayMyatMin/ULRL, commit 094debf) in every
+hyper-parameter (``conf/defense/ulrl.yaml``; per-dataset ``lr``/``alpha`` in
+``conf/defense_tuning/ulrl_cifar10.yaml``); checked against it in
+``tests/defenses/test_ulrl_fidelity.py``. Deviations (reasons and measurements in
+``docs/methods/ulrl.md``): a seeded stratified clean draw from the reserve (``source: train``
+draws from the delivered, possibly poisoned, training set as the official code); the layer is
+``model.last_linear()`` (``benchmark/models/trace.py``), not a module named ``linear``;
+``order: score`` is an option; MAD = 0 gives z = +inf off the median and 0 at it; the harness's
+mixed precision and one forward pass per relearning batch; both phases use the official
+optimisers, taking only ``amp`` and ``channels_last`` from the run's recipe.
 
-Reference::
-
-    @article{min2024ulrl,
-      title   = {Unified Neural Backdoor Removal with Only Few Clean Samples through
-                 Unlearning and Relearning},
-      author  = {Min, Nay Myat and Pham, Long H. and Sun, Jun},
-      journal = {arXiv preprint arXiv:2405.14781},
-      year    = {2024}
-    }
-
-Follows the official code (github.com/NayMyatMin/ULRL, commit 094debf, ``defense/ulrl.py`` and
-``UnlearningTrainer``/``RelearningTrainer`` in ``utils/trainer_cls.py``) in every
-hyper-parameter: unlearning SGD lr 0.01, momentum 0.9, weight decay 5e-4, MultiStepLR at epochs
-10 and 20 (gamma 0.1), gradient-norm clip 20, at most 20 epochs, stop at accuracy <= 0.20 (that
-epoch's update kept); batch 128; the clean set is used with the training augmentation in both
-phases (the official loader carries BackdoorBench's training transforms); torch's lower median
-for even counts; the first two flagged rows by index; relearning SGD momentum 0.9 without
-weight decay, cosine schedule over 20 epochs, no early stopping, last epoch returned; lr 0.005
-and alpha 0.7 on CIFAR-10, 0.001 and 0.001 elsewhere (``conf/defense_tuning/ulrl_cifar10.yaml``).
-An empty selection leaves the relearning phase as plain fine-tuning of the original model, as
-in the official code (the cosine sum over no rows is 0); ``extras`` says so.
-
-Deviations:
-
-- The clean subset is a seeded *stratified* sample (the official code draws ``random.sample``)
-  of ``floor(fraction * N)`` images, ``N`` the whole training split (training set plus
-  reserve), so CIFAR-10 gives the paper's 500; a pool smaller than that is used whole
-  (``extras``). Its pool (``source``): ``reserve`` (default), the defender's clean reserve,
-  images the model never trained on, so clean loss and accuracy on them are test-like;
-  ``train``, the delivered training set without marks, images the model has fitted, as the
-  official draw from BackdoorBench's ``clean_train``. Unlike that clean split, the delivered
-  set is poisoned: about ``poison_rate`` of a ``train`` draw carries the trigger and the
-  target label (the defender cannot tell which). Measured on mnist5k models (fidelity
-  review, one draw each): training-split draws stop unlearning sooner (7-10 epochs against
-  10-17) and can flag other rows (BadNets 0 -> 0, 8; natural 8 -> 2; SIG 8 -> none).
-- The layer is the model's final ``nn.Linear`` found through ``model.last_linear()`` (or the
-  last ``nn.Linear`` of a model without that method), not a module named ``linear``; its
-  ``out_features`` must equal the number of classes.
-- ``order: score`` (keep the highest scores instead of the first indices) is an option.
-- MAD = 0 is handled without dividing by zero: a score different from the median gets
-  z = +inf (the limit of the rule, and what the official division gives), a score at the
-  median z = 0 (the official 0/0 = NaN never passes the test either), so every row above the
-  median qualifies before the cap. ``extras["max_z"]`` is then None.
-- Mixed precision is the harness's (bf16 autocast where native, ``train.amp``), not fp16 with
-  a gradient scaler. Relearning records training predictions from its one forward pass; the
-  official trainer runs a second train-mode forward per batch just for them, which updates the
-  BatchNorm running statistics twice per batch.
-- Both phases use the official optimiser settings, not the run's training recipe: only the
-  recipe's ``amp`` and ``channels_last`` (hardware settings) are taken from it.
+Reference: Min, Pham, Sun, arXiv:2405.14781 (BibTeX in ``docs/methods/ulrl.md``).
 """
 
 from __future__ import annotations
@@ -79,29 +37,28 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from benchmark.data import stratified_indices
 from benchmark.errors import ConfigError
-from benchmark.io import atomic_torch_save
 from benchmark.seeding import derive_seed
 from benchmark.types import ImageSet
+from defenses import checks
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
-from defenses.checks import as_number, is_int, require
 from defenses.ulrl_parts import (
     ORDERS,
+    SOURCES,
     Order,
     clean_subset_size,
     cosine_penalty,
+    draw_clean_subset,
     find_last_linear,
     phase_recipe,
     reinit_rows,
+    report,
     row_change_scores,
     select_rows,
     sgd,
 )
 
 log = logging.getLogger(__name__)
-
-SOURCES: tuple[str, ...] = ("reserve", "train")
 
 
 # -- the defense --------------------------------------------------------------------------------
@@ -160,19 +117,14 @@ class ULRL(Defense):
         relearn_momentum: float = 0.9,
         alpha: float = 0.001,
     ) -> None:
-        require(
-            0.0 < as_number(clean_fraction_of_train) <= 1.0,
-            "clean_fraction_of_train",
-            "in (0, 1]",
-            clean_fraction_of_train,
-        )
+        checks.number(clean_fraction_of_train, "clean_fraction_of_train", 0.0, 1.0, low_open=True)
         for key, value in (
             ("batch_size", batch_size),
             ("unlearn_epochs", unlearn_epochs),
             ("relearn_epochs", relearn_epochs),
             ("max_flagged", max_flagged),
         ):
-            require(is_int(value) and value >= 1, key, "an integer >= 1", value)
+            checks.integer(value, key)
         for key, value in (
             ("unlearn_lr", unlearn_lr),
             ("relearn_lr", relearn_lr),
@@ -180,32 +132,27 @@ class ULRL(Defense):
             ("mad_scale", mad_scale),
             ("unlearn_gamma", unlearn_gamma),
         ):
-            require(as_number(value) > 0, key, "a number > 0", value)
+            checks.number(value, key, 0.0, low_open=True)
+        checks.null_or_number(unlearn_grad_clip, "unlearn_grad_clip", 0.0, low_open=True)
         for key, value in (
             ("unlearn_momentum", unlearn_momentum),
             ("unlearn_weight_decay", unlearn_weight_decay),
             ("relearn_momentum", relearn_momentum),
             ("alpha", alpha),
         ):
-            require(as_number(value) >= 0, key, "a number >= 0", value)
-        require(0.0 <= as_number(stop_acc) <= 1.0, "stop_acc", "in [0, 1]", stop_acc)
-        require(
-            unlearn_grad_clip is None or as_number(unlearn_grad_clip) > 0,
-            "unlearn_grad_clip",
-            "a number > 0 or null",
-            unlearn_grad_clip,
-        )
+            checks.number(value, key, 0.0)
+        checks.number(stop_acc, "stop_acc", 0.0, 1.0)
         milestones = list(unlearn_milestones)
-        require(
-            all(is_int(m) and m >= 1 for m in milestones),
+        checks.require(
+            all(checks.is_int(m) and m >= 1 for m in milestones),
             "unlearn_milestones",
             "a list of epochs >= 1",
             unlearn_milestones,
         )
-        require(order in ORDERS, "order", f"one of {ORDERS}", order)
-        require(source in SOURCES, "source", f"one of {SOURCES}", source)
-        require(isinstance(reinit, bool), "reinit", "true or false", reinit)
-        require(isinstance(augment, bool), "augment", "true or false", augment)
+        checks.one_of(order, "order", ORDERS)
+        checks.one_of(source, "source", SOURCES)
+        checks.boolean(reinit, "reinit")
+        checks.boolean(augment, "augment")
         self.clean_fraction_of_train = float(clean_fraction_of_train)
         self.batch_size = int(batch_size)
         self.augment = augment
@@ -343,68 +290,18 @@ class ULRL(Defense):
         with torch.no_grad():
             final_cos = cosine_penalty(layer.weight.detach(), rows, original)
 
-        atomic_torch_save(
-            {
-                "layer": layer_name,
-                "scores": scores,
-                "z": sel.z,
-                "median": sel.median,
-                "mad": sel.mad,
-                "candidates": sel.candidates,
-                "flagged": rows,
-                "unlearn_history": unlearn.history,
-                "relearn_history": relearn.history,
-            },
+        extras = report(
             ctx.work_dir / "ulrl_scores.pt",
+            layer_name=layer_name,
+            scores=scores,
+            sel=sel,
+            unlearn=unlearn,
+            relearn=relearn,
+            subset_info=subset_info,
+            final_cos=float(final_cos),
         )
-        finite_z = sel.z[torch.isfinite(sel.z)]
-        all_finite = bool(finite_z.numel() == sel.z.numel())
-        last = unlearn.history[-1] if unlearn.history else {}
-        extras: dict[str, Any] = {
-            **subset_info,
-            "layer": layer_name,
-            "flagged_rows": ",".join(str(r) for r in rows.tolist()),
-            "n_flagged": int(rows.numel()),
-            "n_candidates": int(sel.candidates.numel()),
-            "candidate_rows": ",".join(str(r) for r in sel.candidates.tolist()),
-            "nothing_flagged": bool(rows.numel() == 0),
-            "top_score_row": int(scores.argmax()),
-            "unlearn_epochs": len(unlearn.history),
-            "unlearn_final_acc": last.get("acc"),
-            "unlearn_reached_stop_acc": bool(unlearn.stopped_early),
-            "median": sel.median,
-            "mad": sel.mad,
-            "mad_zero": bool(sel.mad == 0.0),
-            "max_z": float(sel.z.max()) if all_finite else None,
-            "relearn_final_acc": relearn.history[-1]["acc"] if relearn.history else None,
-            # mean cosine of the flagged rows to their originals after relearning
-            "relearn_mean_cos": float(final_cos) / rows.numel() if rows.numel() else None,
-        }
         return DefenseResult(model=relearned, extras=extras)
 
     def clean_subset(self, ctx: DefenseContext) -> tuple[ImageSet, dict[str, Any]]:
-        """A seeded stratified subset of the ``source`` pool of ``floor(fraction * N)`` images,
-        ``N`` the whole training split; the whole pool when it is smaller."""
-        pool = ctx.clean_set if self.source == "reserve" else ctx.train_set
-        n_split = len(ctx.train_set) + len(ctx.clean_set)
-        wanted = clean_subset_size(self.clean_fraction_of_train, n_split)
-        info: dict[str, Any] = {
-            "clean_source": self.source,
-            "n_clean_wanted": wanted,
-            "clean_reserve_too_small": wanted > len(pool),
-        }
-        if wanted >= len(pool):
-            if wanted > len(pool):
-                log.warning(
-                    "ULRL wants %d clean images (%.3g of the training split) but the %s "
-                    "holds %d; using all of it",
-                    wanted,
-                    self.clean_fraction_of_train,
-                    self.source,
-                    len(pool),
-                )
-            info["n_clean_used"] = len(pool)
-            return pool, info
-        index = stratified_indices(pool.y, wanted, ctx.num_classes, ctx.generator("ulrl", "clean"))
-        info["n_clean_used"] = wanted
-        return pool.subset(index), info
+        """The clean set of both phases (``ulrl_parts.draw_clean_subset``)."""
+        return draw_clean_subset(ctx, self.source, self.clean_fraction_of_train)

@@ -8,19 +8,31 @@ and its deviations.
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Literal
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
+from benchmark.data import stratified_indices
 from benchmark.errors import ConfigError
+from benchmark.io import atomic_torch_save
+from benchmark.models.trace import last_linear
+from benchmark.types import ImageSet
+
+if TYPE_CHECKING:
+    from defenses.base import DefenseContext
+
+log = logging.getLogger(__name__)
 
 Order = Literal["index", "score"]
 ORDERS: tuple[str, ...] = ("index", "score")
+SOURCES: tuple[str, ...] = ("reserve", "train")  # where the clean set is drawn from
 
 
 def row_change_scores(before: Tensor, after: Tensor) -> Tensor:
@@ -125,22 +137,18 @@ def cosine_penalty(weight: Tensor, rows: Tensor, original: Tensor) -> Tensor:
 def find_last_linear(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear]:
     """The model's final linear layer (rows = classes) and its module name.
 
-    Uses ``model.last_linear()`` (every harness model has it, timm's included), else the last
-    ``nn.Linear`` registered in the model. Raises ``ConfigError`` (key ``model``) when there is
-    none or its rows are not the classes.
+    ``benchmark.models.trace.last_linear``: ``model.last_linear()`` (every harness model has it,
+    timm's included), else the last ``nn.Linear`` registered in the model. Raises
+    ``ConfigError`` (key ``model``) when there is none or its rows are not the classes.
     """
     why = "ULRL scores and re-initialises the rows of the final nn.Linear layer (one row per class)"
     kind = type(model).__name__
-    if hasattr(model, "last_linear"):
-        try:
-            layer = model.last_linear()
-        except TypeError as err:
-            raise ConfigError("model", f"{why}; {kind} has none: {err}") from None
-    else:
-        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
-        if not linears:
-            raise ConfigError("model", f"{why}; {kind} has no nn.Linear layer")
-        layer = linears[-1]
+    try:
+        name, layer = last_linear(model)
+    except TypeError as err:
+        raise ConfigError("model", f"{why}; {kind} has none: {err}") from None
+    except LookupError:
+        raise ConfigError("model", f"{why}; {kind} has no nn.Linear layer") from None
     if not isinstance(layer, nn.Linear):
         raise ConfigError("model", f"{why}; {kind}'s last layer is {type(layer).__name__}")
     if layer.out_features != num_classes:
@@ -149,7 +157,6 @@ def find_last_linear(model: nn.Module, num_classes: int) -> tuple[str, nn.Linear
             f"{why}; {kind}'s last nn.Linear has {layer.out_features} outputs for "
             f"{num_classes} classes, so it is not the classifier",
         )
-    name = next(n for n, m in model.named_modules() if m is layer)
     return name, layer
 
 
@@ -195,3 +202,88 @@ def sgd(lr: float, momentum: float, weight_decay: float) -> dict[str, Any]:
         "momentum": momentum,
         "weight_decay": weight_decay,
     }
+
+
+def draw_clean_subset(
+    ctx: DefenseContext, source: str, fraction: float
+) -> tuple[ImageSet, dict[str, Any]]:
+    """A seeded stratified subset of the ``source`` pool (``reserve``: ``ctx.clean_set``;
+    ``train``: ``ctx.train_set``) of ``floor(fraction * N)`` images, ``N`` the whole training
+    split; the whole pool when it is smaller. Returns it with the ``clean_*`` extras."""
+    pool = ctx.clean_set if source == "reserve" else ctx.train_set
+    n_split = len(ctx.train_set) + len(ctx.clean_set)
+    wanted = clean_subset_size(fraction, n_split)
+    info: dict[str, Any] = {
+        "clean_source": source,
+        "n_clean_wanted": wanted,
+        "clean_reserve_too_small": wanted > len(pool),
+    }
+    if wanted >= len(pool):
+        if wanted > len(pool):
+            log.warning(
+                "ULRL wants %d clean images (%.3g of the training split) but the %s "
+                "holds %d; using all of it",
+                wanted,
+                fraction,
+                source,
+                len(pool),
+            )
+        info["n_clean_used"] = len(pool)
+        return pool, info
+    index = stratified_indices(pool.y, wanted, ctx.num_classes, ctx.generator("ulrl", "clean"))
+    info["n_clean_used"] = wanted
+    return pool.subset(index), info
+
+
+def report(
+    path: Path,
+    *,
+    layer_name: str,
+    scores: Tensor,
+    sel: Selection,
+    unlearn: Any,
+    relearn: Any,
+    subset_info: dict[str, Any],
+    final_cos: float,
+) -> dict[str, Any]:
+    """Save the scores, the selection and both phases' histories to ``path``; return the
+    ``extras`` (plain scalars)."""
+    rows = sel.rows
+    atomic_torch_save(
+        {
+            "layer": layer_name,
+            "scores": scores,
+            "z": sel.z,
+            "median": sel.median,
+            "mad": sel.mad,
+            "candidates": sel.candidates,
+            "flagged": rows,
+            "unlearn_history": unlearn.history,
+            "relearn_history": relearn.history,
+        },
+        path,
+    )
+    finite_z = sel.z[torch.isfinite(sel.z)]
+    all_finite = bool(finite_z.numel() == sel.z.numel())
+    last = unlearn.history[-1] if unlearn.history else {}
+    extras: dict[str, Any] = {
+        **subset_info,
+        "layer": layer_name,
+        "flagged_rows": ",".join(str(r) for r in rows.tolist()),
+        "n_flagged": int(rows.numel()),
+        "n_candidates": int(sel.candidates.numel()),
+        "candidate_rows": ",".join(str(r) for r in sel.candidates.tolist()),
+        "nothing_flagged": bool(rows.numel() == 0),
+        "top_score_row": int(scores.argmax()),
+        "unlearn_epochs": len(unlearn.history),
+        "unlearn_final_acc": last.get("acc"),
+        "unlearn_reached_stop_acc": bool(unlearn.stopped_early),
+        "median": sel.median,
+        "mad": sel.mad,
+        "mad_zero": bool(sel.mad == 0.0),
+        "max_z": float(sel.z.max()) if all_finite else None,
+        "relearn_final_acc": relearn.history[-1]["acc"] if relearn.history else None,
+        # mean cosine of the flagged rows to their originals after relearning
+        "relearn_mean_cos": final_cos / rows.numel() if rows.numel() else None,
+    }
+    return extras

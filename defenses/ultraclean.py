@@ -1,94 +1,26 @@
 """``defense=ultraclean``: UltraClean, denoising susceptibility filtering (arXiv 2312.10657).
 
 Zhao and Lao. "UltraClean: A Simple Framework to Train Robust Neural Networks against Backdoor
-Attacks." arXiv:2312.10657, 2023. Official code: github.com/bxz9200/UltraClean (commit eec1612),
-read only for the facts collected in ``defenses-ultraclean-none-linf.md`` section 1. The
-denoised variants, the distances in both score spaces and the removed set are checked against
-the official functions on a fixed input (``tests/defenses/test_ultraclean_fidelity.py``).
+Attacks." arXiv:2312.10657, 2023. Official code: github.com/bxz9200/UltraClean (commit eec1612);
+the denoised variants, distances and removed set are checked against its functions in
+``tests/defenses/test_ultraclean_fidelity.py``. In-training: the defender sees the whole
+(possibly poisoned) training set, no clean data; optionally it knows the target class.
 
-Threat model and stage: in-training. The defender trains the model, sees the whole (possibly
-poisoned) training set, needs no clean data and knows neither the trigger nor the poison rate;
-in the optional known-target mode it also knows the target class.
+Idea: a trigger is structured noise the backdoored network amplifies; two denoisers wipe most
+of it out, so the model's output moves a lot on a denoised poison and little on a clean image.
+The runner's cached backdoored model scores every training image by
+``|g(x) - g(D1(x))|_1 + |g(x) - g(D2(x))|_1`` (``D1`` a 2x2xC median filter, ``D2`` OpenCV's
+NL-means: ``defenses/ultraclean_denoise.py``; ``g`` softmax or logits, ``score_space``, set per
+attack family by ``conf/defense_attack/``); the top ``floor(removal_ratio * N)`` are removed
+(known-target mode: a fraction of that class only), and a fresh model is retrained on the rest.
+``train_flags`` are the removed samples, ``train_scores`` the susceptibilities (``UNSCORED`` for
+classes not scored in known-target mode).
 
-Idea: a trigger is structured noise that the backdoored network amplifies. Two off-the-shelf
-denoisers wipe most of it out, so the backdoored model's output moves a lot on a poisoned image
-when it is denoised and little on a clean one.
-
-1. **Scoring model.** The model trained to completion on the poisoned set: the runner's cached
-   backdoored model (``ctx.model``), not trained again.
-2. **Denoised variants** of every training image, on its uint8 pixels in HWC layout:
-   - ``D1``, median smoothing (the Feature Squeezing squeezer): scipy's
-     ``ndimage.median_filter`` with a ``2 x 2 x C`` window and ``mode="reflect"``. The window
-     spans the colour channels, so each output value is a rank statistic of 12 values mixed
-     across channels (for C = 3 the channel offsets are -1, 0, +1, reflected at the ends). With
-     an even size scipy takes offsets -1 and 0 in each spatial axis and the upper middle value
-     (index ``size // 2`` of the sorted window). Computed as one call per chunk over
-     ``(N, H, W, C)`` with size ``(1, 2, 2, C)``, which is the per-image call.
-   - ``D2``, non-local means: OpenCV's ``fastNlMeansDenoisingColored`` with h 5, hColor 5,
-     template window 7 and search window 13 on the RGB pixels as they are (all four official
-     scripts hand OpenCV RGB, which it reads as BGR), one image at a time in a thread pool
-     (OpenCV releases the GIL; its own threading is set to 1 meanwhile, as 32 x 32 images are
-     too small to split). The denoisers live in ``defenses/ultraclean_denoise.py``.
-3. **Susceptibility**: ``s_i = |g(x_i) - g(D1(x_i))|_1 + |g(x_i) - g(D2(x_i))|_1`` with ``g``
-   the model's softmax probabilities (``score_space: softmax``) or its raw outputs
-   (``score_space: logits``), in eval mode, fp32, no augmentation. Which one follows the
-   official script of the attack's family, by config (the defense never sees the attack):
-   the dirty-label script (``dirty-label attacks/Denoise.py``, the BadNets/Blend VGG16 table)
-   L1-compares the raw VGG outputs, so ``conf/defense_attack/ultraclean_<attack>.yaml`` sets
-   ``logits`` for the dirty-label attacks ``badnets``, ``blend`` and ``wanet``; the clean-label
-   scripts LCBD (``model.softmax``) and HTBD (``scipy.special.softmax``) use probabilities, the
-   paper's wording, which is the default for every other attack (SIG's script feeds the net's
-   raw outputs, whose model file is not in the repository).
-4. **Filtering**: the top ``floor(removal_ratio * N)`` samples by score are removed (ties go to
-   the lower index). In known-target mode (``known_target: <class>``) only the samples labelled
-   with that class are denoised and scored, and the top ``floor(known_target_removal * n_class)``
-   of them are removed.
-5. **Retraining** of a fresh model from scratch (``ctx.new_model()``) on the rest, with the run's
-   recipe (``ctx.fit``).
-
-Score space in practice: softmax distances saturate on samples the model is very sure of, and
-a backdoored model is surest of its poisons. When a denoiser does not flip the poison's
-prediction (a solid patch survives the 2x2 median; SIG and Blend triggers are smooth), poisons
-then score *below* clean samples. Measured on mnist5k/small_cnn (whole-dataset AUROC, softmax
-vs logits): BadNets 0.23 vs 0.61, Blend 0.02 vs 0.94, SIG 0.03 vs 0.98. Logit distances grow
-with the logit scale, so part of that is a confidence ranking rather than the denoising effect
-(fidelity review, Part 2b section 3.3).
-
-The result's ``train_flags`` are the removed samples and ``train_scores`` the susceptibilities.
-In known-target mode the samples of other classes are not scored; they get
-``UNSCORED = -1.0``, below every susceptibility (an L1 distance, >= 0), and finite, because the
-runner's AUROC is undefined for non-finite scores. ``extras`` holds the counts, score statistics
-and the seconds of each phase; ``work_dir/ultraclean_scores.pt`` holds every sample's two
-distances, the scores and the removal mask. The denoised variants are not cached: the work
-folder is per run, so a cache there would never be read again, and the denoising takes minutes.
-
-Reference::
-
-    @article{zhao2023ultraclean,
-      title   = {UltraClean: A Simple Framework to Train Robust Neural Networks against
-                 Backdoor Attacks},
-      author  = {Zhao, Bingyin and Lao, Yingjie},
-      journal = {arXiv preprint arXiv:2312.10657},
-      year    = {2023}
-    }
-
-Deviations from the official code:
-
-- Known-target mode removes a configured fraction of the target class
-  (``known_target_removal``). The official scripts remove ``1.5 x`` (HTBD ``1.35 x``) the *true*
-  number of poisons, an oracle the defender cannot have.
-- One-channel data use OpenCV's grayscale NL-means (``fastNlMeansDenoising``, h 5, same
-  windows); there the median window is ``2 x 2 x 1`` (4 values, the 3rd smallest). Other channel
-  counts are rejected.
-- Pixels are the stored uint8 images. The official scripts cast float pixels with
-  ``astype(uint8)`` (truncation); for images read as uint8 that is exact (``v / 255 * 255``
-  is ``v`` in float64 for every ``v``), so only a poisoned image stored as floats (the official
-  additive Blend's ``clip(x + 0.2 k)``) can differ, by at most one level.
-- The score space is chosen per attack family by config (step 3), not per script; SIG uses
-  the harness default (softmax).
-- The scoring model and the retraining use the harness's recipe (last epoch), not the official
-  dirty-label script's constant lr with best-test-accuracy checkpointing.
-- The bit-depth squeezer, which the official code computes but never uses to filter, is left out.
+Deviations (reasons and the measured score-space AUROCs in ``docs/methods/ultraclean.md``):
+known-target mode removes a configured fraction (the official scripts use the true poison
+count, an oracle); grayscale NL-means for one-channel data; uint8 pixels as stored; the score
+space chosen per attack family by config; the harness's training recipe; the unused
+bit-depth squeezer left out.
 """
 
 from __future__ import annotations
@@ -102,8 +34,9 @@ from torch import Tensor
 
 from benchmark.errors import ConfigError
 from benchmark.io import atomic_torch_save
+from defenses import checks
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
-from defenses.checks import as_number, is_int, require
+from defenses.checks import is_int, require
 from defenses.ultraclean_denoise import (  # re-exported: the denoisers are part of this API
     available_cpus,
     from_hwc,
@@ -188,41 +121,24 @@ class UltraClean(Defense):
         self._check_settings()  # fail at instantiation already for what needs no data sizes
 
     def _check_settings(self) -> None:
-        require(
-            0.0 <= as_number(self.removal_ratio) < 1.0,
-            "removal_ratio",
-            "in [0, 1)",
-            self.removal_ratio,
-        )
-        require(
-            self.score_space in SCORE_SPACES,
-            "score_space",
-            f"one of {SCORE_SPACES}",
-            self.score_space,
-        )
+        checks.number(self.removal_ratio, "removal_ratio", 0.0, 1.0, high_open=True)
+        checks.one_of(self.score_space, "score_space", SCORE_SPACES)
         require(
             self.known_target is None or (is_int(self.known_target) and self.known_target >= 0),
             "known_target",
             "null or a class index >= 0",
             self.known_target,
         )
-        require(
-            0.0 <= as_number(self.known_target_removal) < 1.0,
-            "known_target_removal",
-            "in [0, 1)",
-            self.known_target_removal,
-        )
+        checks.number(self.known_target_removal, "known_target_removal", 0.0, 1.0, high_open=True)
         for key in ("median_window", "batch_size"):
-            value = getattr(self, key)
-            require(is_int(value) and value >= 1, key, "an integer >= 1", value)
+            checks.integer(getattr(self, key), key)
         for key in ("nl_means_template", "nl_means_search"):
             value = getattr(self, key)
             require(
                 is_int(value) and value >= 1 and value % 2 == 1, key, "an odd integer >= 1", value
             )
         for key in ("nl_means_h", "nl_means_h_color"):
-            value = getattr(self, key)
-            require(as_number(value) > 0, key, "a number > 0", value)
+            checks.number(getattr(self, key), key, 0.0, low_open=True)
         require(
             self.workers is None or (is_int(self.workers) and self.workers >= 1),
             "workers",

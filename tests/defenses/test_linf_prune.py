@@ -27,18 +27,10 @@ from benchmark.seeding import generator
 from benchmark.train import fit, predict
 from benchmark.types import ImageSet
 from defenses.base import DefenseContext
-from defenses.linf_prune import (
-    MASK_BUFFER,
-    LinfPrune,
-    channel_norms,
-    find_site,
-    install_mask,
-    prune_count,
-    rank_channels,
-    restore_masks,
-    set_pruned,
-    site_scores,
-)
+from defenses.linf_prune import LinfPrune
+from defenses.linf_scores import channel_norms, prune_count, rank_channels, site_scores
+from defenses.linf_sites import find_site
+from defenses.masking import MASK_BUFFER, install_mask, restore_masks, set_pruned
 from tests.conftest import toy_set
 from tests.defenses.toys import KW, RECIPE
 

@@ -28,17 +28,15 @@ from benchmark.seeding import generator
 from benchmark.train import fit, predict
 from benchmark.types import ImageSet
 from defenses.base import DefenseContext
-from defenses.none import (
-    NONE,
+from defenses.none import NONE
+from defenses.none_passes import frozen_norms, summed_activation
+from defenses.none_reset import reset_channels, reset_sites
+from defenses.none_scores import (
     HyperplaneStats,
-    frozen_norms,
     hyperplane_scores,
     jenks_flags,
     jenks_two_classes,
     n_reset,
-    reset_channels,
-    reset_sites,
-    summed_activation,
     top_channels,
 )
 from tests.conftest import compose_cfg, toy_set

@@ -24,7 +24,8 @@ from torch import nn
 
 from benchmark.models.resnet18 import ResNet18
 from benchmark.types import ImageSet
-from defenses.none import NONE, reset_channels, reset_sites
+from defenses.none import NONE
+from defenses.none_reset import reset_channels, reset_sites
 from tests.defenses.fixtures.fidelity_inputs import MEAN3, STD3, none_inputs, sha256_of
 
 REF = json.loads((Path(__file__).parent / "fixtures" / "none_official.json").read_text())
@@ -87,7 +88,7 @@ def test_jenks_split_and_flags_equal_the_officials(report: Any) -> None:
 def test_the_upper_class_only_option_drops_the_break_value_sample(report: Any) -> None:
     """``flag_break_value: false`` (``u > t``): the official set minus the sample(s) at the
     break, which jenkspy puts in the lower class."""
-    from defenses.none import jenks_flags
+    from defenses.none_scores import jenks_flags
 
     flags, _ = jenks_flags(report.u, include_break=False)
     assert A["at_break"] and set(A["at_break"]) <= set(A["flagged"])

@@ -1,0 +1,317 @@
+"""The model tracer: what defenses find by running one forward pass with hooks.
+
+One probe pass (``trace``: eval mode, no grad, ``model.example_input(2)``) records every call of
+the hooked modules (leaves and norm layers by default) with its inputs and output. From it:
+
+- ``conv_layers``: every ``nn.Conv2d`` in execution order with the norm layer that consumes its
+  output directly (``ConvSite``);
+- ``activation_sites``: every activation module in the order of its first call
+  (``ActivationSite``, ``calls`` > 1 for a shared module);
+- ``consumers``: the layers reading a conv's channels (``InputSlice``: the next conv's input
+  channel, or a linear layer's input columns), followed through channel-preserving modules;
+- ``last_linear``: the final ``nn.Linear`` (rows = classes) and its name.
+
+Used by the models (``ImageClassifier.conv_layers`` etc.), NONE (``defenses/none_reset.py``),
+l-inf pruning (``defenses/linf_sites.py``), activation clipping (``defenses/clipping.py``) and
+ULRL (``defenses/ulrl_parts.py``). No per-architecture code: activations must be modules
+(``nn.ReLU``), never functional calls, or they are invisible here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import timm.layers.activations as timm_act
+import torch
+from torch import Tensor, nn
+
+NORM_TYPES: tuple[type[nn.Module], ...] = (
+    nn.BatchNorm2d,
+    nn.GroupNorm,
+    nn.InstanceNorm2d,
+    nn.LayerNorm,
+)
+# Activation sites (where MMAC clips). Sigmoid-type gates (squeeze-excite) are not sites: they
+# scale other activations rather than produce features. timm's own classes count too.
+ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
+    nn.ReLU,
+    nn.ReLU6,
+    nn.LeakyReLU,
+    nn.PReLU,
+    nn.ELU,
+    nn.SELU,
+    nn.CELU,
+    nn.GELU,
+    nn.SiLU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Hardtanh,
+    nn.Softplus,
+    nn.Tanh,
+    nn.Tanhshrink,
+    timm_act.GELU,
+    timm_act.GELUTanh,
+    timm_act.QuickGELU,
+    timm_act.Swish,
+    timm_act.Mish,
+    timm_act.HardSwish,
+    timm_act.HardMish,
+    timm_act.PReLU,
+    timm_act.Tanh,
+)
+# Modules a traced channel passes through with its index unchanged (elementwise or per channel).
+PASS_THROUGH: tuple[type[nn.Module], ...] = (
+    *NORM_TYPES,
+    *ACTIVATION_TYPES,
+    nn.MaxPool2d,
+    nn.AvgPool2d,
+    nn.AdaptiveAvgPool2d,
+    nn.AdaptiveMaxPool2d,
+    nn.Dropout,
+    nn.Dropout2d,
+    nn.Identity,
+    nn.Flatten,
+)
+
+
+# -- the probe pass -----------------------------------------------------------------------------
+@dataclass(eq=False)
+class Call:
+    """One module call of the probe pass.
+
+    Attributes:
+        name, module: the module and its name in the model.
+        inputs: its tensor arguments; ``input`` the first (or None), ``in_version`` its version
+            counter at the call (to tell an in-place change since).
+        output: its output when a tensor (else None), ``out_version`` its version counter.
+        end: the call's rank in completion order (the list is in start order).
+    """
+
+    name: str
+    module: nn.Module
+    inputs: tuple[Tensor, ...]
+    in_version: int
+    output: Tensor | None = None
+    out_version: int = -1
+    end: int = -1
+
+    @property
+    def input(self) -> Tensor | None:
+        return self.inputs[0] if self.inputs else None
+
+
+def _default_modules(model: nn.Module) -> list[nn.Module]:
+    # Leaves, plus norm layers with children (timm's BatchNormAct2d is a BatchNorm2d that owns
+    # its activation).
+    return [
+        m
+        for m in model.modules()
+        if isinstance(m, NORM_TYPES) or not any(True for _ in m.children())
+    ]
+
+
+def trace(model: nn.Module, modules: Iterable[nn.Module] | None = None) -> list[Call]:
+    """One eval-mode, no-grad forward pass of ``model.example_input(2)``, recording every call
+    of ``modules`` (default: leaves and norm layers) in start order. The model's mode is
+    restored; the probe draws from the global RNG (``torch.rand``)."""
+    names = {m: n for n, m in model.named_modules()}
+    calls: list[Call] = []
+    open_calls: dict[nn.Module, list[Call]] = {}
+    ended = [0]
+
+    def pre(module: nn.Module, args: tuple) -> None:
+        tensors = tuple(a for a in args if isinstance(a, Tensor))
+        call = Call(names[module], module, tensors, tensors[0]._version if tensors else -1)
+        calls.append(call)
+        open_calls.setdefault(module, []).append(call)
+
+    def post(module: nn.Module, args: tuple, output: object) -> None:
+        call = open_calls[module].pop()
+        if isinstance(output, Tensor):
+            call.output, call.out_version = output, output._version
+        call.end = ended[0]
+        ended[0] += 1
+
+    handles = []
+    for module in _default_modules(model) if modules is None else modules:
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model(model.example_input(2))  # type: ignore[operator]
+    finally:
+        model.train(was_training)
+        for h in handles:
+            h.remove()
+    return calls
+
+
+def completion_order(calls: list[Call]) -> list[Call]:
+    """``calls`` sorted by completion (a container after everything it calls)."""
+    return sorted(calls, key=lambda c: c.end)
+
+
+# -- convs, norms, activations ----------------------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class ConvSite:
+    """A convolution and the normalisation layer applied directly to its output (or None)."""
+
+    name: str
+    conv: nn.Conv2d
+    norm_name: str | None
+    norm: nn.Module | None
+
+
+@dataclass(frozen=True, eq=False)
+class ActivationSite:
+    """An activation module; ``calls`` > 1 means the module is shared by several places."""
+
+    name: str
+    module: nn.Module
+    calls: int
+
+
+def conv_layers(model: nn.Module, calls: list[Call] | None = None) -> list[ConvSite]:
+    """Every ``nn.Conv2d`` in execution order, each with the norm layer fed by its output."""
+    calls = completion_order(trace(model) if calls is None else calls)
+    sites, seen = [], set()
+    for i, call in enumerate(calls):
+        if not isinstance(call.module, nn.Conv2d) or call.module in seen:
+            continue
+        seen.add(call.module)
+        norm = next(
+            (
+                c
+                for c in calls[i + 1 :]
+                if isinstance(c.module, NORM_TYPES) and c.inputs and c.inputs[0] is call.output
+            ),
+            None,
+        )
+        sites.append(
+            ConvSite(
+                call.name, call.module, norm.name if norm else None, norm.module if norm else None
+            )
+        )
+    return sites
+
+
+def activation_sites(model: nn.Module, calls: list[Call] | None = None) -> list[ActivationSite]:
+    """Every activation module in the order of its first call."""
+    order: dict[nn.Module, tuple[str, int]] = {}
+    for call in completion_order(trace(model) if calls is None else calls):
+        if isinstance(call.module, ACTIVATION_TYPES):
+            name, count = order.get(call.module, (call.name, 0))
+            order[call.module] = (name, count + 1)
+    return [ActivationSite(name, m, count) for m, (name, count) in order.items()]
+
+
+# -- the layers consuming a conv's channels -----------------------------------------------------
+@dataclass(frozen=True, eq=False)
+class InputSlice:
+    """A layer that consumes a conv's channels.
+
+    Attributes:
+        name: the consumer's module name.
+        module: an ``nn.Conv2d`` (input channel ``j``) or ``nn.Linear``.
+        block: for a linear consumer, the input columns per channel (channel ``j`` is columns
+            ``[j * block, (j + 1) * block)``); 1 for a conv.
+    """
+
+    name: str
+    module: nn.Module
+    block: int = 1
+
+
+def _same_data(src: Tensor, src_version: int, t: Tensor, t_version: int) -> int | None:
+    """How ``t`` (a call's input) holds ``src`` (a traced tensor in NCHW or flat layout):
+    0 = the same tensor/layout, ``H * W`` = ``src`` (N, C, H, W) flattened to (N, C * H * W);
+    None = not the same data (or modified in place in between)."""
+    if t_version != src_version:
+        return None
+    if t is src:
+        return 0
+    if not (t.is_contiguous() and src.is_contiguous()) or t.numel() != src.numel():
+        return None
+    if (
+        t.untyped_storage().data_ptr() != src.untyped_storage().data_ptr()
+        or t.storage_offset() != src.storage_offset()
+    ):
+        return None
+    if t.shape == src.shape:
+        return 0
+    if src.dim() == 4 and t.dim() == 2 and t.shape[0] == src.shape[0]:
+        return int(src.shape[2] * src.shape[3])
+    return None
+
+
+def consumers(calls: list[Call], start: int) -> list[InputSlice]:
+    """The layers consuming the channels of ``calls[start]``'s output (a conv).
+
+    From the conv's output the search follows ``PASS_THROUGH`` modules whose input is that very
+    tensor, not modified in place since (same version), or a contiguous flattening view of it;
+    it stops at the first ``nn.Conv2d`` (input channel ``j``) or ``nn.Linear`` (input columns of
+    channel ``j``), and at anything else (residual additions, concatenations, permutations and
+    other functional operations end a path without a consumer).
+    """
+    conv = calls[start].module
+    out = calls[start].output
+    if out is None:
+        return []
+    channels = int(out.shape[1])
+    # Frontier of (tensor, its version, block): block 0 = NCHW, b > 0 = flat, b columns/channel.
+    frontier: list[tuple[Tensor, int, int]] = [(out, calls[start].out_version, 0)]
+    seen_calls = {start}
+    found: dict[tuple[int, int], InputSlice] = {}
+    while frontier:
+        src, version, block = frontier.pop()
+        for i, call in enumerate(calls):
+            if i in seen_calls or call.input is None or call.module is conv:
+                continue
+            how = _same_data(src, version, call.input, call.in_version)
+            if how is None:
+                continue
+            b = block if how == 0 else how
+            if block and how:  # a flat tensor flattened again: not a layout we follow
+                continue
+            seen_calls.add(i)
+            m = call.module
+            if isinstance(m, nn.Conv2d):
+                if b == 0 and m.in_channels == channels:
+                    found.setdefault((id(m), 1), InputSlice(call.name, m, 1))
+                continue
+            if isinstance(m, nn.Linear):
+                if b > 0 and m.in_features == channels * b:
+                    found.setdefault((id(m), b), InputSlice(call.name, m, b))
+                continue
+            if not isinstance(m, PASS_THROUGH) or call.output is None:
+                continue
+            y = call.output
+            if isinstance(m, nn.Flatten):
+                if b == 0 and call.input.dim() == 4 and y.dim() == 2 and m.start_dim == 1:
+                    hw = int(call.input.shape[2] * call.input.shape[3])
+                    frontier.append((y, call.out_version, hw))
+                continue
+            if b == 0 and y.dim() == 4 and y.shape[:2] == call.input.shape[:2]:
+                frontier.append((y, call.out_version, 0))
+            elif b > 0 and y.shape == call.input.shape:
+                frontier.append((y, call.out_version, b))
+    return list(found.values())
+
+
+# -- the classifier layer -----------------------------------------------------------------------
+def last_linear(model: nn.Module) -> tuple[str, nn.Module]:
+    """The final linear layer and its name: ``model.last_linear()`` (a harness model; its
+    ``TypeError`` propagates), else the last ``nn.Linear`` registered (``LookupError`` if
+    none). The caller checks the type and the rows."""
+    if hasattr(model, "last_linear"):
+        layer = model.last_linear()
+    else:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+        if not linears:
+            raise LookupError("no nn.Linear layer")
+        layer = linears[-1]
+    name = next((n for n, m in model.named_modules() if m is layer), "")
+    return name, layer
