@@ -21,7 +21,8 @@ from __future__ import annotations
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -56,6 +57,46 @@ class AttackContext:
     amp: bool = False
 
 
+@dataclass(frozen=True, eq=False)
+class StageContext:
+    """What the runner lends an attack for the backdoor test set of one evaluated stage
+    (``stage_backdoor_test``); only an attack whose test set depends on the model
+    (``model_dependent``) needs more than the test set.
+
+    Attributes:
+        stage: ``"backdoored"`` or ``"defended"``.
+        seed: the run seed (an attack derives its own streams from it).
+        device: the evaluation device.
+        out_dir: the run folder, for the stage's files.
+        memo: ``(compute) -> (payload, hit)``: ``compute()`` once, its payload cached with the
+            backdoored model on the ``backdoored`` stage (not cached on ``defended``, whose
+            model each defense makes anew); ``hit`` says whether it came from the cache.
+        amp: whether bf16 autocast is used on this device (the run's recipe).
+    """
+
+    stage: str
+    seed: int
+    device: torch.device
+    out_dir: Path
+    memo: Callable[[Callable[[], dict[str, Any]]], tuple[dict[str, Any], bool]]
+    amp: bool = False
+
+
+@dataclass(frozen=True, eq=False)
+class StageTest:
+    """The backdoor test set of one stage, and what the attack reports about it.
+
+    Attributes:
+        backdoor_test: the triggered test images; ``src_index`` indexes the clean test set.
+        report: goes to the record under ``<attack name>.<stage>`` (None: nothing to report).
+        scalars: logged to the tracker as ``<stage>/<name>``.
+    """
+
+    backdoor_test: PoisonedSet
+    report: dict[str, Any] | None = None
+    scalars: dict[str, float] = field(default_factory=dict)
+
+
 class Attack(ABC):
     """Base class of every attack.
 
@@ -69,6 +110,9 @@ class Attack(ABC):
     name: ClassVar[str]
     kind: ClassVar[str]  # "dirty_label" | "clean_label" | "training_control" | "natural"
     controls_training: ClassVar[bool] = False
+    # The backdoor test set depends on the evaluated model (``natural`` inverts its trigger
+    # from each model): ``stage_backdoor_test`` runs again for a defended model.
+    model_dependent: ClassVar[bool] = False
     modes: ClassVar[tuple[str, ...]] = ("all2one", "all2all")
 
     def __init__(
@@ -192,6 +236,12 @@ class Attack(ABC):
             y_orig=src.y.clone(),
             src_index=keep,
         )
+
+    def stage_backdoor_test(self, test: ImageSet, model: nn.Module, ctx: StageContext) -> StageTest:
+        """The backdoor test set the runner evaluates ``model`` of ``ctx.stage`` on; default:
+        ``backdoor_test_set(test)``, the same for every model. Called after the trigger state
+        of a cached backdoored model is restored."""
+        return StageTest(self.backdoor_test_set(test))
 
     # -- state saved with the cached backdoored model -----------------------------------------
     def state_dict(self) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark import pipeline
+from benchmark import backdoored, pipeline
 from defenses.base import DefenseResult
 
 
@@ -36,13 +36,13 @@ def test_wanet_poisons_each_batch_of_the_benign_set(
     make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen = {}
-    real_fit = pipeline.fit
+    real_fit = backdoored.fit
 
     def spy(model, data, recipe, **kw):
         seen["data"], seen["hook"] = data, kw.get("batch_hook")
         return real_fit(model, data, recipe, **kw)
 
-    monkeypatch.setattr(pipeline, "fit", spy)
+    monkeypatch.setattr(backdoored, "fit", spy)
     cfg = make_cfg("attack=wanet")
     record = pipeline.run(cfg, run_dir=tmp_path / "run")
     assert seen["hook"] is not None and seen["hook"].__self__.name == "wanet"
