@@ -20,40 +20,18 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
+from attacks.context import AttackContext, StageContext, StageTest
 from benchmark.data import to_float, to_uint8
 from benchmark.errors import ConfigError
 from benchmark.types import ImageSet, PoisonedSet
 
 Mode = Literal["all2one", "all2all"]
 _CHUNK = 4096  # samples triggered at once, to bound memory on large sets
-
-
-@dataclass(frozen=True, eq=False)
-class AttackContext:
-    """What the runner lends an attack that needs more than the data (``prepare(..., ctx)``).
-
-    Attributes:
-        device: the training device.
-        surrogate: ``(kind, adversarial) -> model``: a model of the run's architecture trained
-            on the benign training set with the run's recipe, ``kind`` ``"clean"`` (normal
-            training) or ``"adversarial"`` (PGD adversarial training with the settings in the
-            ``adversarial`` dict). Trained once and cached like the backdoored model.
-        memo: ``(name, spec, compute) -> tensors``: runs ``compute()`` once per ``(run data,
-            name, spec)`` and caches its dict of tensors (e.g. perturbed images).
-        amp: whether bf16 autocast is used on this device (the run's recipe).
-    """
-
-    device: torch.device
-    surrogate: Callable[[str, dict[str, Any] | None], nn.Module]
-    memo: Callable[[str, dict[str, Any], Callable[[], dict[str, Tensor]]], dict[str, Tensor]]
-    amp: bool = False
 
 
 class Attack(ABC):
@@ -69,6 +47,9 @@ class Attack(ABC):
     name: ClassVar[str]
     kind: ClassVar[str]  # "dirty_label" | "clean_label" | "training_control" | "natural"
     controls_training: ClassVar[bool] = False
+    # The backdoor test set depends on the evaluated model (``natural`` inverts its trigger
+    # from each model): ``stage_backdoor_test`` runs again for a defended model.
+    model_dependent: ClassVar[bool] = False
     modes: ClassVar[tuple[str, ...]] = ("all2one", "all2all")
 
     def __init__(
@@ -192,6 +173,12 @@ class Attack(ABC):
             y_orig=src.y.clone(),
             src_index=keep,
         )
+
+    def stage_backdoor_test(self, test: ImageSet, model: nn.Module, ctx: StageContext) -> StageTest:
+        """The backdoor test set the runner evaluates ``model`` of ``ctx.stage`` on; default:
+        ``backdoor_test_set(test)``, the same for every model. Called after the trigger state
+        of a cached backdoored model is restored."""
+        return StageTest(self.backdoor_test_set(test))
 
     # -- state saved with the cached backdoored model -----------------------------------------
     def state_dict(self) -> dict[str, Any]:

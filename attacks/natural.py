@@ -29,16 +29,24 @@ optimisation images; here it is measured on a disjoint split. The mask area is a
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from attacks.base import Attack
+from attacks.base import Attack, StageContext, StageTest
 from attacks.inversion import InvertedTriggers, invert_triggers, stamp, trigger_asr
+from benchmark.data import stratified_split
 from benchmark.errors import ConfigError
+from benchmark.io import atomic_torch_save
+from benchmark.results import save_inverted_triggers
+from benchmark.seeding import derive_seed, generator
 from benchmark.types import ImageSet
+
+log = logging.getLogger(__name__)
 
 BUDGETS = (0.02, 0.04, 0.06, 0.08, 0.1, 0.12)
 
@@ -58,7 +66,7 @@ class Natural(Attack):
     name: ClassVar[str] = "natural"
     kind: ClassVar[str] = "natural"
     modes: ClassVar[tuple[str, ...]] = ("all2one",)
-    inverts_trigger: ClassVar[bool] = True
+    model_dependent: ClassVar[bool] = True
 
     def __init__(
         self,
@@ -161,6 +169,69 @@ class Natural(Attack):
             if budget == self.budget:
                 self.mask, self.pattern, self.target_class = mask.cpu(), pattern.cpu(), target
         return report, inv
+
+    def split(self, test: ImageSet, seed: int) -> tuple[Tensor, Tensor]:
+        """Indices of the inversion and evaluation halves of ``test`` (stratified, drawn from
+        ``(seed, "natural", "split")``: the same halves for every stage)."""
+        n_inv = round(self.inversion_fraction * len(test))
+        return stratified_split(test, n_inv, generator(seed, self.name, "split"))
+
+    def stage_backdoor_test(self, test: ImageSet, model: nn.Module, ctx: StageContext) -> StageTest:
+        """Invert this model's trigger on the inversion half of ``test`` (the backdoored
+        model's inversion is cached with it) and trigger the evaluation half (the inversion
+        half never scores). Saves ``natural_triggers_<stage>.pt`` and ``.png``."""
+        inv_idx, eval_idx = self.split(test, ctx.seed)
+        inversion, evaluation = test.subset(inv_idx), test.subset(eval_idx)
+
+        def invert() -> dict[str, Any]:
+            report, inverted = self.invert(
+                model,
+                inversion,
+                evaluation,
+                device=ctx.device,
+                seed=derive_seed(ctx.seed, self.name, ctx.stage),
+                amp=ctx.amp,
+            )
+            return {
+                "report": report,
+                "trigger": self.state_dict(),
+                "targets": inverted.targets,
+                "budgets": list(inverted.budgets),
+                "mask": inverted.mask,
+                "pattern": inverted.pattern,
+                "fit_asr": inverted.fit_asr,
+            }
+
+        found, hit = ctx.memo(invert)
+        if hit:
+            self.load_state_dict(found["trigger"])
+        keys = ("targets", "budgets", "mask", "pattern", "fit_asr")
+        atomic_torch_save(
+            {k: found[k] for k in keys}, ctx.out_dir / f"natural_triggers_{ctx.stage}.pt"
+        )
+        inverted = InvertedTriggers(
+            **{k: found[k] for k in keys} | {"budgets": tuple(found["budgets"])}
+        )
+        budgets = found["report"]
+        save_inverted_triggers(inverted, budgets, ctx.out_dir / f"natural_triggers_{ctx.stage}.png")
+        log.info(
+            "natural backdoor (%s): %s",
+            ctx.stage,
+            ", ".join(f"{b}: {r['asr']:.3f} (target {r['target']})" for b, r in budgets.items()),
+        )
+        bd = self.backdoor_test_set(evaluation)
+        # ``src_index`` into ``test``, not into its evaluation half
+        bd = dataclasses.replace(bd, src_index=eval_idx.to(bd.src_index.device)[bd.src_index])
+        report = {
+            "budget": self.budget,
+            "target": self.target_class,
+            "budgets": budgets,
+            "n_inversion": len(inversion),
+            "n_evaluation": len(evaluation),
+            "from_cache": hit,
+        }
+        scalars = {f"natural_asr@{b}": r["asr"] for b, r in budgets.items()}
+        return StageTest(bd, report, scalars)
 
     def state_dict(self) -> dict[str, Any]:
         if self.mask is None or self.pattern is None:

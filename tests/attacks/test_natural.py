@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from attacks.base import StageContext
 from attacks.natural import Natural
 from benchmark.errors import ConfigError
 from benchmark.seeding import generator
@@ -53,6 +54,29 @@ def test_invert_reports_every_budget_and_sets_the_chosen_trigger() -> None:
     other.load_state_dict(state)
     x = torch.rand(2, 1, 16, 16)
     assert torch.equal(other.apply_trigger(x), attack.apply_trigger(x))
+
+
+def test_stage_backdoor_test_triggers_the_evaluation_half(tmp_path) -> None:
+    attack = Natural(target_class=2, budgets=[0.05], budget=0.05, steps=5, batch_size=8)
+    attack.validate(3, (1, 16, 16), 100)
+    test = as_set(*toy_data(60, seed=0))
+    calls = []
+
+    def memo(compute):
+        calls.append(1)
+        return compute(), False
+
+    ctx = StageContext("backdoored", 0, torch.device("cpu"), tmp_path, memo)
+    out = attack.stage_backdoor_test(test, StripeModel(), ctx)
+    inv_idx, eval_idx = attack.split(test, 0)
+    bd = out.backdoor_test
+    # ``src_index`` points into the whole test set, at evaluation-half images only
+    assert set(bd.src_index.tolist()) <= set(eval_idx.tolist())
+    assert torch.equal(bd.y_orig, test.y[bd.src_index]) and (bd.y_orig != 2).all()
+    assert calls == [1] and out.report["n_evaluation"] == len(eval_idx)
+    assert out.report["n_inversion"] == len(inv_idx) and not out.report["from_cache"]
+    assert set(out.scalars) == {"natural_asr@0.05"}
+    assert (tmp_path / "natural_triggers_backdoored.pt").exists()
 
 
 def test_fixed_target_inverts_only_that_target() -> None:

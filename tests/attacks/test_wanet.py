@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from attacks.wanet import WaNet
-from benchmark import pipeline
+from benchmark import backdoored, pipeline
 from benchmark.augment import PerBatchAugment
 from benchmark.data import to_float
 from benchmark.errors import ConfigError
@@ -266,7 +266,7 @@ def test_runner_trains_the_backdoor_with_the_chosen_augmentation(
     to the hooked batches; defenses and surrogates keep the dataset's."""
     seen: list[object] = []
     calls = {"n": 0}
-    real_fit = pipeline.fit
+    real_fit = backdoored.fit
 
     def spy(model, data, recipe, **kw):
         aug = kw.get("augment")
@@ -280,7 +280,7 @@ def test_runner_trains_the_backdoor_with_the_chosen_augmentation(
             kw["augment"] = counted
         return real_fit(model, data, recipe, **kw)
 
-    monkeypatch.setattr(pipeline, "fit", spy)
+    monkeypatch.setattr(backdoored, "fit", spy)
     cfg = make_cfg("attack=wanet", f"attack.augment={augment}", "dataset.max_train=200")
     record = pipeline.run(cfg, run_dir=tmp_path / "run")
     assert record["attack"]["augment"] == augment

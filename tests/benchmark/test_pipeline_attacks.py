@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmark import pipeline
+from attacks.wanet import WaNet
+from benchmark import backdoored, pipeline
 from defenses.base import DefenseResult
 
 
@@ -36,13 +37,13 @@ def test_wanet_poisons_each_batch_of_the_benign_set(
     make_cfg, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen = {}
-    real_fit = pipeline.fit
+    real_fit = backdoored.fit
 
     def spy(model, data, recipe, **kw):
         seen["data"], seen["hook"] = data, kw.get("batch_hook")
         return real_fit(model, data, recipe, **kw)
 
-    monkeypatch.setattr(pipeline, "fit", spy)
+    monkeypatch.setattr(backdoored, "fit", spy)
     cfg = make_cfg("attack=wanet")
     record = pipeline.run(cfg, run_dir=tmp_path / "run")
     assert seen["hook"] is not None and seen["hook"].__self__.name == "wanet"
@@ -53,8 +54,19 @@ def test_wanet_poisons_each_batch_of_the_benign_set(
     entry = Path(cfg.paths.cache_dir) / "attacked" / record["cache"]["key"] / "entry.pt"
     state = torch.load(entry, weights_only=True)["attack_state"]
     assert {"identity_grid", "noise_grid"} <= set(state)
+    # ... before the backdoor test set is built from them
+    order = []
+    for method in ("load_state_dict", "stage_backdoor_test"):
+        real = getattr(WaNet, method)
+
+        def spy_method(self, *args, _real=real, _name=method, **kw):
+            order.append(_name)
+            return _real(self, *args, **kw)
+
+        monkeypatch.setattr(WaNet, method, spy_method)
     again = pipeline.run(cfg, run_dir=tmp_path / "again")
     assert again["cache"]["hit"] and again["backdoored"] == record["backdoored"]
+    assert order == ["load_state_dict", "stage_backdoor_test"]
 
 
 def test_natural_backdoor_is_inverted_per_stage_on_a_disjoint_split(

@@ -23,7 +23,7 @@ def test_defense_contract(name: str, make_cfg, tmp_path: Path, monkeypatch) -> N
     assert comp.defense.name == name and type(comp.defense).__module__ == f"defenses.{name.lower()}"
     assert isinstance(comp.defense.stage, Stage)
     data = pipeline.load_data(cfg, comp)
-    model = pipeline.backdoored_model(cfg, comp, data, tmp_path, {})
+    model = pipeline.backdoored_model(cfg, comp, data, tmp_path).model
     state = copy.deepcopy(model.state_dict())
     x0, y0, reserve0 = data.train.x.clone(), data.train.y.clone(), data.reserve.x.clone()
 
@@ -44,7 +44,7 @@ def test_defense_contract(name: str, make_cfg, tmp_path: Path, monkeypatch) -> N
     assert type(ctx.train_set) is ImageSet and not isinstance(ctx.train_set, PoisonedSet)
     assert type(ctx.clean_set) is ImageSet
     assert not any(isinstance(v, PoisonedSet) for v in vars(ctx).values())
-    assert all(v is not data.test and v is not data.backdoor_test for v in vars(ctx).values())
+    assert all(v is not data.test for v in vars(ctx).values())
     assert (ctx.model is None) == (comp.defense.stage == Stage.PRE_TRAINING)
     # Inputs are not mutated.
     assert torch.equal(data.train.x, x0) and torch.equal(data.train.y, y0)
