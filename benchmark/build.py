@@ -69,7 +69,13 @@ def build(cfg: DictConfig, choices: dict[str, Any] | None = None) -> Components:
         torch.backends.cudnn.benchmark = True  # fixed input shapes: let cuDNN pick kernels
     dataset: Dataset = instantiate_entry(cfg.dataset, "dataset")
     dataset.validate()
-    validate.check_model(cfg, dataset.num_classes, dataset.image_shape)
+    c, h, w = dataset.image_shape
+    probe = {"num_classes": dataset.num_classes, "in_chans": c, "image_size": (h, w)}
+    validate.check_model(
+        lambda: instantiate_entry(cfg.model, "model", **probe, mean=[0.5] * c, std=[0.25] * c),
+        dataset.image_shape,
+        f"{cfg.model.get('_target_')} with {dataset.num_classes} classes",
+    )
     n_full = dataset.n_train
     fraction = cfg.defense_data.clean_fraction
     if not isinstance(fraction, int | float) or not 0.0 <= fraction < 1.0:

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import difflib
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
+from torch import nn
 
 from benchmark.errors import BenchmarkError, ConfigError
 
@@ -125,35 +125,26 @@ def check_cell(choices: dict[str, Any]) -> None:
             )
 
 
-def check_model(cfg: DictConfig, num_classes: int, image_shape: Sequence[int]) -> None:
-    """Build the model once and run a probe batch through it, so a bad ``model.*`` setting
-    fails here in one line instead of at the first training step (after the data load).
+def check_model(make: Callable[[], nn.Module], image_shape: Sequence[int], what: str) -> None:
+    """Run a probe batch through ``make()``'s model, so a bad ``model.*`` setting fails here
+    in one line instead of at the first training step (after the data load).
 
     The global RNG is restored afterwards: the real models are seeded when they are built.
     """
     c, h, w = (int(v) for v in image_shape)
-    target = cfg.model.get("_target_", "?")
     with torch.random.fork_rng(devices=[]):
         try:
-            model = instantiate(
-                cfg.model,
-                num_classes=num_classes,
-                in_chans=c,
-                image_size=(h, w),
-                mean=[0.5] * c,
-                std=[0.25] * c,
-            )
+            model = make()
             with torch.no_grad():
                 model.eval()(torch.zeros(2, c, h, w))
+        except BenchmarkError:
+            raise
         except Exception as err:
-            cause = err.__cause__ if isinstance(err.__cause__, BenchmarkError) else err
-            if isinstance(cause, BenchmarkError):
-                raise cause from None
-            first = str(cause).strip().splitlines()[0] if str(cause).strip() else ""
+            first = (str(err).strip().splitlines() or [""])[0]
             raise ConfigError(
                 "model",
-                f"{target} cannot be built for {c}x{h}x{w} images and {num_classes} classes "
-                f"({type(cause).__name__}: {first}); check the model.* settings",
+                f"{what} cannot be built for {c}x{h}x{w} images ({type(err).__name__}: "
+                f"{first}); check the model.* settings",
             ) from None
 
 
