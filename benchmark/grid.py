@@ -49,12 +49,13 @@ def _loader() -> Any:
     return gh.config_loader() if gh.is_initialized() else package_loader()
 
 
-def package_loader() -> Any:
-    """Hydra's own config loader over this package's ``conf/`` (as the app builds it)."""
+def package_loader(conf_dir: Path | str = CONF_DIR) -> Any:
+    """Hydra's own config loader over ``conf_dir`` (default: this package's ``conf/``), as the
+    app builds it."""
     from hydra._internal.config_loader_impl import ConfigLoaderImpl
     from hydra._internal.utils import create_config_search_path
 
-    return ConfigLoaderImpl(config_search_path=create_config_search_path(str(CONF_DIR)))
+    return ConfigLoaderImpl(config_search_path=create_config_search_path(str(conf_dir)))
 
 
 def ordered(names: Iterable[str]) -> list[str]:
@@ -76,12 +77,13 @@ def options(group: str, exclude: Sequence[str] = (), loader: Any = None) -> list
 def _target(loader: Any, group: str, name: str) -> str:
     """The ``_target_`` of a group option; a config-only variant without one takes its base's
     (the first plain entry of its defaults list)."""
-    cfg = loader.repository.load_config(f"{group}/{name}").config
-    if "_target_" in cfg:
-        return str(cfg._target_)
-    for entry in cfg.get("defaults", []) or []:
-        if isinstance(entry, str) and entry != "_self_":
-            return _target(loader, group, entry)
+    result = loader.repository.load_config(f"{group}/{name}")
+    if "_target_" in result.config:
+        return str(result.config._target_)
+    for entry in result.defaults_list or []:  # ConfigDefault(path=...) of a plain entry
+        path = getattr(entry, "path", None)
+        if path and path != "_self_" and not getattr(entry, "group", None):
+            return _target(loader, group, path.lstrip("/").removeprefix(f"{group}/"))
     raise ValueError(f"{group}/{name} has no _target_")
 
 

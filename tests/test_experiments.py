@@ -18,6 +18,7 @@ from omegaconf import OmegaConf
 
 from benchmark import grid, pipeline
 from tests.conftest import CONF_DIR, compose_cfg
+from tests.registry import base_entry
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -87,14 +88,20 @@ def pairs(name: str, conf_dir: str = CONF_DIR) -> list[tuple[str, str]]:
     return [tuple(c.split("__")) for c in sweep_params(name, conf_dir)["cell"]]  # type: ignore[misc]
 
 
-def covers(cell_pairs: list[tuple[str, str]], attacks: set[str], defenses: set[str]) -> None:
+def covers(
+    cell_pairs: list[tuple[str, str]],
+    attacks: set[str],
+    defenses: set[str],
+    conf_dir: str = CONF_DIR,
+) -> None:
     """Every attack, every defense, every attack undefended, every defense on BadNets, and every
     (attack, defense family) pair, each cell once."""
+    loader = grid.package_loader(conf_dir)
     assert len(set(cell_pairs)) == len(cell_pairs)
     assert {a for a, _ in cell_pairs} == attacks and {d for _, d in cell_pairs} == defenses
     assert {(a, "undefended") for a in attacks} <= set(cell_pairs)
     assert {("badnets", d) for d in defenses} <= set(cell_pairs)
-    family = {d: grid.family(d) for d in defenses - {"undefended"}}
+    family = {d: grid.family(d, loader) for d in defenses - {"undefended"}}
     met = {(a, family[d]) for a, d in cell_pairs if d != "undefended"}
     assert met == {(a, f) for a in attacks for f in set(family.values())}
 
@@ -220,8 +227,10 @@ def test_cifar10_cpu_is_attacks_undefended_plus_defenses_on_badnets(tmp_path: Pa
         assert cfg.dataset.max_train == 10000 and cfg.train.epochs == 20
         assert cfg.defense_data.clean_fraction == 0.025
         attack, defense = cell.removeprefix("cell=").split("__")
-        # The name says the pair (module names: NONE is defenses/none.py).
-        assert (component(cfg.attack), component(cfg.defense)) == (attack, defense.lower())
+        # The name says the pair (module names: NONE is defenses/none.py; a config-only
+        # variant is its base entry's class).
+        modules = (base_entry("attack", attack), base_entry("defense", defense).lower())
+        assert (component(cfg.attack), component(cfg.defense)) == modules
         pairs.add((attack, defense))
     expected = {(a, "undefended") for a in ATTACKS} | {("badnets", d) for d in DEFENSES}
     assert pairs == expected and len(cells("cifar10_cpu")) == len(expected)
