@@ -113,10 +113,10 @@ def cells(
     - ``product``: defense-major (every attack undefended first), each defense in
       :func:`ordered` order.
     - ``anchor``: every attack undefended, then every defense on :data:`ANCHOR`.
-    - ``covering``: ``anchor``, then for each other attack and each family that attack has not
-      met yet, one defense of that family, rotating: the i-th of those attacks gets the
-      family's ``(i mod size)``-th defense, so each defense is spread over the attacks. Its
-      size is A + (D - 1) + (A - 1) x F (F families), not A x D.
+    - ``covering``: ``anchor`` (where the anchor meets every defense), then for each other
+      attack one defense of each family (:func:`families`), rotating: the i-th of those
+      attacks gets each family's ``(i mod its size)``-th defense, so a family's defenses are
+      spread over the attacks. Its size is A + (D - 1) + (A - 1) x F (F families), not A x D.
     """
     loader = loader or _loader()
     attacks = options("attack", exclude_attacks, loader)
