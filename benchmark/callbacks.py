@@ -56,9 +56,19 @@ def cell_dirname(override_dirname: str) -> str:
 
 
 def register_resolvers() -> None:
-    """``${bench_dirname:...}``, used by ``hydra.sweep.subdir``."""
+    """``${bench_dirname:...}``, used by ``hydra.sweep.subdir``; ``${bench_options:...}`` and
+    ``${bench_cells:...}``, the experiments' grids derived from the config groups
+    (:mod:`benchmark.grid`), whose generated ``cell=<attack>__<defense>`` options are
+    registered here too (a launcher worker composes them without resolving the sweep)."""
+    from benchmark import grid
+
     if not OmegaConf.has_resolver("bench_dirname"):
         OmegaConf.register_new_resolver("bench_dirname", cell_dirname)
+    if not OmegaConf.has_resolver("bench_options"):
+        OmegaConf.register_new_resolver("bench_options", grid.options_resolver)
+    if not OmegaConf.has_resolver("bench_cells"):
+        OmegaConf.register_new_resolver("bench_cells", grid.cells_resolver)
+        grid.register_all_cells()
 
 
 def _sorted_values(override: str) -> str:

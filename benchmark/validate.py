@@ -95,11 +95,20 @@ def check_recipe(train: DictConfig) -> None:
 
 
 def cell_entries(cell: str) -> dict[str, str]:
-    """The attack and defense that ``conf/cell/<cell>.yaml`` selects (its defaults overrides)."""
+    """The attack and defense that ``conf/cell/<cell>.yaml``, or the generated ConfigStore cell
+    of that name (benchmark/grid.py), selects (its defaults overrides)."""
     path = CONF / "cell" / f"{cell}.yaml"
-    if not path.is_file():
-        return {}
-    defaults = OmegaConf.load(path).get("defaults") or []
+    if path.is_file():
+        defaults = OmegaConf.load(path).get("defaults") or []
+    else:
+        from hydra.core.config_store import ConfigStore
+        from hydra.plugins.config_source import ConfigLoadError
+
+        try:
+            node = ConfigStore.instance().load(f"cell/{cell}.yaml").node
+        except ConfigLoadError:  # not a stored cell either
+            return {}
+        defaults = OmegaConf.create(dict(node)).get("defaults") or []
     found = {}
     for entry in defaults:
         for key, value in entry.items() if isinstance(entry, DictConfig) else []:

@@ -15,7 +15,7 @@ failures, cache hits, trainings and the per-stage timings. A ``metrics.json`` th
 did not (re)write (a skipped cell) counts under ``skipped`` and not in the stage sums.
 
     python scripts/bench_sweep.py                                  # experiment=smoke_all
-    python scripts/bench_sweep.py --passes cold attack=badnets,blend defense=undefended,mmac
+    python scripts/bench_sweep.py --passes cold --experiment smoke_full attack=badnets defense=mmac
     python scripts/bench_sweep.py --experiment badnets_seeds --keep --work-dir /tmp/sweep
 
 Writes ``results/bench/sweep.json``.

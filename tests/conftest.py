@@ -12,9 +12,12 @@ from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from omegaconf import DictConfig, open_dict
 
+from benchmark.callbacks import register_resolvers
 from benchmark.types import ImageSet
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+# As benchmark.run does at import: the grids' resolvers and the generated cell=<a>__<d> options.
+register_resolvers()
 
 
 @pytest.fixture(autouse=True, scope="session")

@@ -16,6 +16,7 @@ from benchmark.errors import ConfigError, DatasetUnavailable
 from benchmark.pipeline import instantiate_entry
 from benchmark.tracking import Tracker
 from tests.conftest import compose_cfg
+from tests.registry import assert_registered
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 FOLDER_DATASETS = ("imagefolder", "tiny_imagenet")
@@ -70,14 +71,14 @@ def test_model_options(name: str, tmp_path: Path) -> None:
 def test_attack_options(name: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"attack={name}"], tmp_path)
     attack = instantiate_entry(cfg.attack, "attack")
-    assert attack.name == name and type(attack).__module__ == f"attacks.{name}"
+    assert_registered(attack, name, "attacks", options("attack"))
 
 
 @pytest.mark.parametrize("name", options("defense"))
 def test_defense_options(name: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"defense={name}"], tmp_path)
     defense = instantiate_entry(cfg.defense, "defense")
-    assert defense.name == name and type(defense).__module__ == f"defenses.{name.lower()}"
+    assert_registered(defense, name, "defenses", options("defense"))
 
 
 @pytest.mark.parametrize("name", options("train"))

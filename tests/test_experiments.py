@@ -16,8 +16,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
 from omegaconf import OmegaConf
 
-from benchmark import pipeline
+from benchmark import grid, pipeline
 from tests.conftest import CONF_DIR, compose_cfg
+from tests.registry import base_entry
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 EXPERIMENTS = sorted(p.stem for p in (CONF / "experiment").glob("*.yaml"))
@@ -26,19 +27,34 @@ DEFENSES = {p.stem for p in (CONF / "defense").glob("*.yaml")}
 DIGIT_DATA = ("mnist5k", "digits")  # no CIFAR-10 offline: runs swap in these
 
 
-def hydra_config(name: str) -> Any:
-    """The ``hydra`` node of an experiment as composed (an experiment may build on another)."""
+def hydra_config(name: str, conf_dir: str = CONF_DIR) -> Any:
+    """The ``hydra`` node of an experiment as composed (an experiment may build on another),
+    its sweep values resolved as the sweeper does: the grids' resolvers (benchmark/grid.py)
+    read the config groups of the running app, here ``conf_dir``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=conf_dir, version_base="1.3"):
+        cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
+        params = dict(cfg.hydra.sweeper.params.items())  # resolved with the app's groups
+    GlobalHydra.instance().clear()
+    hydra = cfg.hydra
+    hydra.sweeper.params = params
+    return hydra
+
+
+def raw_sweep_params(name: str) -> dict[str, str]:
+    """``hydra.sweeper.params`` as written (resolver calls not resolved)."""
     GlobalHydra.instance().clear()
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         cfg = compose("config", overrides=[f"experiment={name}"], return_hydra_config=True)
     GlobalHydra.instance().clear()
-    return cfg.hydra
+    params = OmegaConf.to_container(cfg.hydra.sweeper.params, resolve=False)
+    return {str(k): str(v) for k, v in params.items()}
 
 
-def sweep_params(name: str) -> dict[str, list[str]]:
+def sweep_params(name: str, conf_dir: str = CONF_DIR) -> dict[str, list[str]]:
     """``hydra.sweeper.params`` of an experiment as composed, each value split into its sweep
     choices."""
-    raw = hydra_config(name).sweeper.params
+    raw = hydra_config(name, conf_dir).sweeper.params
     return {key: [v.strip() for v in str(value).split(",")] for key, value in raw.items()}
 
 
@@ -67,12 +83,90 @@ def test_every_experiment_is_a_multirun_with_its_command_in_the_header() -> None
         assert cells(name), name
 
 
-def test_smoke_all_crosses_every_attack_with_every_defense() -> None:
+def pairs(name: str, conf_dir: str = CONF_DIR) -> list[tuple[str, str]]:
+    """The (attack, defense) pairs of an experiment that sweeps ``cell=<attack>__<defense>``."""
+    return [tuple(c.split("__")) for c in sweep_params(name, conf_dir)["cell"]]  # type: ignore[misc]
+
+
+def covers(
+    cell_pairs: list[tuple[str, str]],
+    attacks: set[str],
+    defenses: set[str],
+    conf_dir: str = CONF_DIR,
+) -> None:
+    """Every attack, every defense, every attack undefended, every defense on BadNets, and every
+    (attack, defense family) pair, each cell once."""
+    loader = grid.package_loader(conf_dir)
+    assert len(set(cell_pairs)) == len(cell_pairs)
+    assert {a for a, _ in cell_pairs} == attacks and {d for _, d in cell_pairs} == defenses
+    assert {(a, "undefended") for a in attacks} <= set(cell_pairs)
+    assert {("badnets", d) for d in defenses} <= set(cell_pairs)
+    family = {d: grid.family(d, loader) for d in defenses - {"undefended"}}
+    met = {(a, family[d]) for a, d in cell_pairs if d != "undefended"}
+    assert met == {(a, f) for a in attacks for f in set(family.values())}
+
+
+# Exclusions from the derived grids, each with its reason: experiment -> {option: reason}. Empty
+# today; an entry here must match the experiment's resolver arguments.
+EXCLUDED: dict[str, dict[str, str]] = {}
+
+
+def test_smoke_all_covers_every_attack_defense_and_family() -> None:
     params = sweep_params("smoke_all")
-    assert set(params["attack"]) == ATTACKS and len(params["attack"]) == len(ATTACKS)
-    assert set(params["defense"]) == DEFENSES and len(params["defense"]) == len(DEFENSES)
-    assert params["seed"] == ["0"]
-    assert len(cells("smoke_all")) == len(ATTACKS) * len(DEFENSES)
+    assert params["seed"] == ["0"] and set(params) >= {"cell", "debug"}
+    attacks, defenses = ATTACKS - set(EXCLUDED.get("smoke_all", {})), DEFENSES
+    covers(pairs("smoke_all"), attacks, defenses)
+    # Grows with attacks + defenses: A undefended + (D - 1) on BadNets + (A - 1) x families.
+    n_families = len({grid.family(d) for d in defenses - {"undefended"}})
+    expected = len(attacks) + len(defenses) - 1 + (len(attacks) - 1) * n_families
+    assert len(cells("smoke_all")) == expected
+    assert pairs("smoke_all") == grid.cells("covering")
+
+
+def test_smoke_full_is_every_attack_x_every_defense_at_smoke_all_settings() -> None:
+    full, smoke = sweep_params("smoke_full"), sweep_params("smoke_all")
+    assert full["attack"] == grid.ordered(ATTACKS) and full["defense"] == grid.ordered(DEFENSES)
+    assert len(cells("smoke_full")) == len(ATTACKS) * len(DEFENSES)
+    rest = {k: v for k, v in full.items() if k not in ("attack", "defense")}
+    assert rest == {k: v for k, v in smoke.items() if k != "cell"}
+
+
+def test_no_experiment_hand_lists_a_whole_config_group() -> None:
+    """Grids come from the groups (``${bench_options:...}``, ``${bench_cells:...}``): a literal
+    list of every attack, every defense, or every BackdoorBench setting is a hand list that a
+    new method would silently miss."""
+    groups = {"attack": [ATTACKS], "defense": [DEFENSES]}
+    groups["attack_setting"] = [
+        {f"{d.name}/{p.stem}" for p in d.glob("*.yaml")}
+        for d in (CONF / "attack_setting").iterdir()
+        if d.is_dir()
+    ]
+    for name in EXPERIMENTS:
+        for key, value in raw_sweep_params(name).items():
+            if "${" in value:
+                continue
+            listed = {v.strip() for v in value.split(",")}
+            if key == "cell":
+                listed_attacks = {c.split("__")[0] for c in listed}
+                assert not (len(listed) > 1 and listed_attacks == ATTACKS), (name, key)
+            for every in groups.get(key, []):
+                if len(every) > 1:
+                    assert listed != every, f"{name}: {key} lists every option; derive it"
+
+
+def test_derived_lists_are_the_config_groups_minus_the_named_exclusions() -> None:
+    for name in EXPERIMENTS:
+        raw, params = raw_sweep_params(name), sweep_params(name)
+        for key, value in raw.items():
+            if value.startswith("${bench_options:"):
+                group = value.removeprefix("${bench_options:").rstrip("}").split(",")[0]
+                excluded = set(EXCLUDED.get(name, {}))
+                expected = grid.ordered(
+                    p.stem for p in (CONF / group).glob("*.yaml") if p.stem not in excluded
+                )
+                prefix = f"{group.split('/', 1)[1]}/" if "/" in group else ""
+                assert params[key] == [prefix + o for o in expected], (name, key)
+                assert excluded <= set(value.split("[", 1)[-1].rstrip("]}").split(",")), name
 
 
 BACKDOORBENCH = sorted(
@@ -135,8 +229,10 @@ def test_cifar10_cpu_is_attacks_undefended_plus_defenses_on_badnets(tmp_path: Pa
         assert cfg.dataset.max_train == 10000 and cfg.train.epochs == 20
         assert cfg.defense_data.clean_fraction == 0.025
         attack, defense = cell.removeprefix("cell=").split("__")
-        # The name says the pair (module names: NONE is defenses/none.py).
-        assert (component(cfg.attack), component(cfg.defense)) == (attack, defense.lower())
+        # The name says the pair (module names: NONE is defenses/none.py; a config-only
+        # variant is its base entry's class).
+        modules = (base_entry("attack", attack), base_entry("defense", defense).lower())
+        assert (component(cfg.attack), component(cfg.defense)) == modules
         pairs.add((attack, defense))
     expected = {(a, "undefended") for a in ATTACKS} | {("badnets", d) for d in DEFENSES}
     assert pairs == expected and len(cells("cifar10_cpu")) == len(expected)
@@ -292,7 +388,7 @@ PAPER_SETTINGS: dict[str, tuple[str, str, list[str], dict[str, Any]]] = {
 
 
 def test_every_paper_experiment_has_a_setting_check() -> None:
-    others = {"smoke_all", "cifar10_cpu", "badnets_seeds"}
+    others = {"smoke_all", "smoke_full", "cifar10_cpu", "badnets_seeds"}
     assert set(EXPERIMENTS) - others == set(PAPER_SETTINGS)
 
 
@@ -311,15 +407,15 @@ def test_paper_experiments_pin_the_notes_setting(name: str, tmp_path: Path) -> N
 def test_smoke_all_sizes_beat_debug_smoke_and_keep_the_defense_deltas(tmp_path: Path) -> None:
     params = sweep_params("smoke_all")
     assert params["debug"] == ["smoke"]
-    cell = ["attack=natural", "defense=NONE"]
-    rest = [f"{k}={v[0]}" for k, v in params.items() if k not in ("attack", "defense")]
+    cell = ["cell=natural__NONE"]
+    rest = [f"{k}={v[0]}" for k, v in params.items() if k != "cell"]
     cfg = compose_cfg(["experiment=smoke_all", *rest, *cell], tmp_path)
     assert component(cfg.dataset) == "mnist5k" and component(cfg.model) == "small_cnn"
     assert cfg.dataset.max_train == 2000 and cfg.dataset.max_test == 500
     assert cfg.train.epochs == 5 and cfg.progress is False  # debug=smoke is applied
     assert cfg.defense.rounds == 1 and cfg.defense.finetune_epochs == 1  # NONE_smoke
     assert cfg.attack.steps == 100  # natural_mnist5k
-    mmac = compose_cfg(["experiment=smoke_all", *rest, "defense=mmac"], tmp_path)
+    mmac = compose_cfg(["experiment=smoke_all", *rest, "cell=badnets__mmac"], tmp_path)
     assert mmac.defense.epochs == 4  # mmac_smoke
 
 
@@ -328,7 +424,8 @@ RUN_CELLS: dict[str, list[str]] = {
     "backdoorbench_cifar10": ["attack_setting=backdoorbench/badnets", "defense=ulrl"],
     "backdoorbench_cifar10_5pct": ["attack_setting=backdoorbench/sig", "defense=undefended"],
     "backdoorbench_cifar10_1pct": ["attack_setting=backdoorbench/wanet", "defense=mmbm"],
-    "smoke_all": ["attack=sig", "defense=linf_prune"],
+    "smoke_all": ["cell=badnets__linf_prune"],  # always a cell (every defense on BadNets)
+    "smoke_full": ["attack=sig", "defense=linf_prune"],
     "badnets_seeds": ["seed=1"],
     "cifar10_cpu": ["cell=badnets__mmbm"],
     # BadNets: the Blend cell needs attack.formula (helper H3's branch).
@@ -379,16 +476,15 @@ def test_one_cell_of_each_experiment_runs_at_smoke_size(
 @pytest.mark.slow
 @pytest.mark.sweep
 def test_smoke_all_runs_every_cell_and_writes_the_tables(tmp_path: Path) -> None:
-    """The whole smoke grid from the command line, as CI runs it (about 3 min on 2 cores)."""
+    """The whole smoke grid from the command line, as CI runs it (a few minutes on 2 cores)."""
     from tests.benchmark.test_run import cli, records
 
     proc = cli(["experiment=smoke_all", "logger=none"], tmp_path, timeout=1500)
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
     runs = records(tmp_path)
     cells = {(r["choices"]["attack"], r["choices"]["defense"]) for r in runs}
-    attacks = {p.stem for p in (CONF / "attack").glob("*.yaml")}
-    defenses = {p.stem for p in (CONF / "defense").glob("*.yaml")}
-    assert cells == {(a, d) for a in attacks for d in defenses}
+    assert cells == set(grid.cells("covering"))
+    covers(sorted(cells), ATTACKS, DEFENSES)
     assert len(runs) == len(cells) and all(r["status"] == "complete" for r in runs)
     (tables,) = (tmp_path / "outputs").rglob("tables")
     for name in ("asr.md", "ca.md", "detection.md", "heatmap_asr.png"):
@@ -399,16 +495,25 @@ def _attack_key(name: str) -> str:
     return "attack_setting" if "attack_setting" in sweep_params(name) else "attack"
 
 
-@pytest.mark.parametrize(
-    "name", [n for n in EXPERIMENTS if len(sweep_params(n).get(_attack_key(n), [])) > 1]
-)
+def _attacks_swept(name: str) -> list[str]:
+    params = sweep_params(name)
+    if "cell" in params:
+        return sorted({c.split("__")[0] for c in params["cell"]})
+    return params.get(_attack_key(name), [])
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if len(_attacks_swept(n)) > 1])
 def test_parallel_launchers_start_with_one_cell_per_attack(name: str) -> None:
     """The first jobs of a sweep are the baseline of every attack: run in parallel, they train
     the different backdoored models at once, not wait on one model's lock."""
+    attacks = _attacks_swept(name)
+    first = cells(name)[: len(attacks)]
+    if "cell" in sweep_params(name):
+        got = [o.removeprefix("cell=").split("__") for c in first for o in c if "cell=" in o]
+        assert sorted(a for a, _ in got) == attacks and all(d == "undefended" for _, d in got)
+        return
     key = _attack_key(name)
-    params = sweep_params(name)
-    first = cells(name)[: len(params[key])]
     assert {o for c in first for o in c if o.startswith(f"{key}=")} == {
-        f"{key}={a}" for a in params[key]
+        f"{key}={a}" for a in attacks
     }
     assert all("defense=undefended" in c for c in first)

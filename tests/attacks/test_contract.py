@@ -13,11 +13,13 @@ from benchmark.models.small_cnn import SmallCNN
 from benchmark.pipeline import instantiate_entry
 from benchmark.seeding import generator
 from tests.conftest import toy_set
+from tests.registry import assert_registered, base_entry, load_entry
 
 ATTACK_DIR = Path(__file__).resolve().parents[2] / "conf" / "attack"
 NAMES = sorted(p.stem for p in ATTACK_DIR.glob("*.yaml"))
-# The natural backdoor poisons nothing: it has its own tests (test_natural.py).
-POISONING = [n for n in NAMES if n != "natural"]
+# The natural backdoor (and any variant of it) poisons nothing: it has its own tests
+# (test_natural.py).
+POISONING = [n for n in NAMES if base_entry("attack", n) != "natural"]
 N, K, SHAPE = 300, 5, (3, 16, 16)
 
 
@@ -32,8 +34,8 @@ def toy_context() -> AttackContext:
 
 
 def make_attack(name: str, **overrides: object) -> Attack:
-    cfg = OmegaConf.merge(OmegaConf.load(ATTACK_DIR / f"{name}.yaml"), overrides)
-    if name == "label_consistent":  # keep the PGD short in the contract tests
+    cfg = OmegaConf.merge(load_entry("attack", name), overrides)
+    if base_entry("attack", name) == "label_consistent":  # keep the PGD short in the tests
         cfg.steps = overrides.get("steps", 3)
     attack = instantiate_entry(cfg, "attack")
     attack.validate(K, SHAPE, N)
@@ -45,7 +47,7 @@ def prepared(name: str, data, seed: int = 0, **overrides: object) -> Attack:
     trigger as if inverted from a model."""
     attack = make_attack(name, **overrides)
     attack.prepare(data, generator(seed, "attack", "prepare"), toy_context())
-    if name == "natural":
+    if base_entry("attack", name) == "natural":
         mask = torch.zeros(1, *SHAPE[1:])
         mask[:, :3, :3] = 1.0
         attack.load_state_dict({"mask": mask, "pattern": torch.ones(SHAPE), "target": 1})
@@ -61,8 +63,7 @@ def poisoned(name: str, seed: int = 0, **overrides: object):
 @pytest.mark.parametrize("name", NAMES)
 def test_module_and_class_match_the_config_name(name: str) -> None:
     attack = make_attack(name)
-    assert attack.name == name
-    assert type(attack).__module__ == f"attacks.{name}"
+    assert_registered(attack, name, "attacks", NAMES)
 
 
 @pytest.mark.parametrize("name", POISONING)

@@ -231,7 +231,7 @@ def test_parallel_sweep_trains_the_shared_model_once(tmp_path: Path, launcher: l
 def test_wandb_runs_of_a_sweep_share_the_experiment_group_and_sync(tmp_path: Path) -> None:
     """Offline W&B: one run per cell and one with the tables, all in the experiment's group,
     all accepted by ``wandb sync`` (``--dry-run``: no network here)."""
-    args = ["experiment=smoke_all", "logger=wandb", "attack=badnets", "defense=undefended,mmac"]
+    args = ["experiment=smoke_full", "logger=wandb", "attack=badnets", "defense=undefended,mmac"]
     proc = cli(args, tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     folder = sweep_dir(tmp_path)
@@ -239,8 +239,8 @@ def test_wandb_runs_of_a_sweep_share_the_experiment_group_and_sync(tmp_path: Pat
     (tables_run,) = folder.glob("wandb/offline-run-*/run-*.wandb")  # once per sweep
     assert len(cell_runs) == 2
     # RunRecord.run_group as W&B's protobuf stores it; paths that merely contain the name
-    # do not match (wandb_internal_pb2.RunRecord(run_group="smoke_all").SerializeToString()).
-    group = b"2\tsmoke_all"
+    # do not match (wandb_internal_pb2.RunRecord(run_group="smoke_full").SerializeToString()).
+    group = b"2\nsmoke_full"
     for run in [*cell_runs, tables_run]:
         assert group in run.read_bytes(), run
     data = tables_run.read_bytes()

@@ -11,6 +11,7 @@ import torch
 from benchmark import pipeline
 from benchmark.types import ImageSet, PoisonedSet
 from defenses.base import DefenseContext, DefenseResult, Stage
+from tests.registry import assert_registered
 
 DEFENSE_DIR = Path(__file__).resolve().parents[2] / "conf" / "defense"
 NAMES = sorted(p.stem for p in DEFENSE_DIR.glob("*.yaml"))
@@ -20,7 +21,7 @@ NAMES = sorted(p.stem for p in DEFENSE_DIR.glob("*.yaml"))
 def test_defense_contract(name: str, make_cfg, tmp_path: Path, monkeypatch) -> None:
     cfg = make_cfg(f"defense={name}")
     comp = pipeline.build(cfg)
-    assert comp.defense.name == name and type(comp.defense).__module__ == f"defenses.{name.lower()}"
+    assert_registered(comp.defense, name, "defenses", NAMES)
     assert isinstance(comp.defense.stage, Stage)
     data = pipeline.load_data(cfg, comp)
     model = pipeline.backdoored_model(cfg, comp, data, tmp_path).model

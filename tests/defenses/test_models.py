@@ -10,50 +10,40 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
 from hydra.utils import instantiate
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from benchmark.train import Augment, fit
 from defenses.base import DefenseContext, Stage
 from tests.benchmark.models.helpers import MODEL_NAMES, build_model
 from tests.conftest import toy_set
+from tests.registry import base_entry, load_entry
 
 CONF = Path(__file__).resolve().parents[2] / "conf"
-DEFENSES = sorted(p.stem for p in (CONF / "defense").glob("*.yaml") if p.stem != "undefended")
+DEFENSES = sorted(p.stem for p in (CONF / "defense").glob("*.yaml"))
 SIZE, CLASSES = (16, 16), 4
 
-# Toy sizes: one or two epochs, a few synthetic inputs, short inversions.
-TOY: dict[str, dict[str, Any]] = {
-    "ulrl": {
-        "unlearn_epochs": 1,
-        "relearn_epochs": 1,
-        "batch_size": 8,
-        "clean_fraction_of_train": 0.25,
-    },
-    "mmac": {
-        "per_class": 2,
-        "epochs": 2,
-        "batch_size": 8,
-        "synth_per_class": 2,
-        "synth_steps": 2,
-        "synth_every": 1,
-        "c_start_after": 0,
-        "c_every": 1,
-    },
-    "mmbm": {"per_class": 2, "epochs": 2, "batch_size": 8},
-    "linf_prune": {
-        "finetune_epochs": 1,
-        "max_fraction": 0.05,
-        "inversion_steps": 2,
-        "inversion_batch_size": 8,
-    },
-    "ultraclean": {"batch_size": 8, "workers": 1},
-    "NONE": {"rounds": 1, "finetune_epochs": 1, "finetune_batch_size": 8},
+# A defense's toy size is its own config, conf/defense_debug/<defense>_toy.yaml (also what
+# debug=toy selects); here a config-only variant without one takes its base entry's. Every defense
+# needs one, except (each with its reason):
+NO_TOY_SIZE: dict[str, str] = {
+    "undefended": "no settings: it returns the model as it is",
 }
+
+
+def toy_config(name: str) -> DictConfig:
+    """The defense's config with its toy size merged in."""
+    cfg = load_entry("defense", name)
+    for entry in (name, base_entry("defense", name)):
+        path = CONF / "defense_debug" / f"{entry}_toy.yaml"
+        if path.is_file():
+            return OmegaConf.merge(cfg, OmegaConf.load(path).defense)  # type: ignore[return-value]
+    assert name in NO_TOY_SIZE, f"conf/defense_debug/{name}_toy.yaml is missing"
+    return cfg
+
 
 RECIPE = OmegaConf.create(
     {
@@ -71,17 +61,20 @@ RECIPE = OmegaConf.create(
 
 
 def test_every_defense_has_a_toy_size() -> None:
-    assert set(TOY) == set(DEFENSES)
+    assert set(NO_TOY_SIZE) <= set(DEFENSES)  # no stale exclusion
+    for name in DEFENSES:
+        has = any(
+            (CONF / "defense_debug" / f"{e}_toy.yaml").is_file()
+            for e in (name, base_entry("defense", name))
+        )
+        assert has or name in NO_TOY_SIZE, f"conf/defense_debug/{name}_toy.yaml is missing"
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model_name", MODEL_NAMES)
 @pytest.mark.parametrize("defense_name", DEFENSES)
 def test_defense_runs_on_model(defense_name: str, model_name: str, tmp_path: Path) -> None:
-    cfg = OmegaConf.merge(
-        OmegaConf.load(CONF / "defense" / f"{defense_name}.yaml"), TOY[defense_name]
-    )
-    defense = instantiate(cfg)
+    defense = instantiate(toy_config(defense_name))
     train = toy_set(24, CLASSES, (3, *SIZE), seed=1)
     clean = toy_set(16, CLASSES, (3, *SIZE), seed=2)
     defense.validate(CLASSES, len(train), len(clean))

@@ -130,7 +130,7 @@ def test_cold_pass_of_a_small_sweep(tmp_path: Path) -> None:
         "dataset.max_test=200",
         "train.epochs=1",
     ]
-    args = ["--passes", "cold", "--experiment", "smoke_all", "--out", str(out)]
+    args = ["--passes", "cold", "--experiment", "smoke_full", "--out", str(out)]
     work = tmp_path / "work"
     assert _script().main([*args, "--work-dir", str(work), *overrides]) == 0
     result = json.loads(out.read_text())
@@ -143,6 +143,6 @@ def test_cold_pass_of_a_small_sweep(tmp_path: Path) -> None:
     assert cold["wall_s"] > 0
     assert set(cold["per_attack_train_s"]) == {"badnets", "blend"}
     assert set(cold["per_defense_s"]) == {"undefended", "linf_prune"}
-    assert result["experiment"] == "smoke_all" and result["overrides"] == overrides
+    assert result["experiment"] == "smoke_full" and result["overrides"] == overrides
     assert result["cost_model"]["estimate_s"] > 0
     assert (work / "cache").is_dir()  # the sweep used the work folder's own cache
