@@ -130,7 +130,7 @@ class BadNets(Attack):
             )
         return row, col
 
-    def apply_trigger(self, x: Tensor) -> Tensor:
+    def apply_trigger(self, x: Tensor, index: Tensor | None = None) -> Tensor:
         if self.image is not None:
             if self.trigger is None or tuple(self.trigger.shape) != tuple(x.shape[-3:]):
                 self.trigger = fit_trigger_image(self.image, tuple(x.shape[-3:]))

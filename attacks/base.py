@@ -7,7 +7,10 @@ are separate (backdoor-toolbox's good idea):
 - ``poison(train, gen)``: a ``PoisonedSet`` with triggered images (stored as uint8), changed
   labels for dirty-label attacks, and the ground truth (``is_poison``, ``y_orig``,
   ``src_index``) that only the runner reads. Indices are drawn from ``gen`` alone.
-- ``apply_trigger(x)``: the trigger on a float batch, used for poisoning and for the test set.
+- ``apply_trigger(x, index)``: the trigger on a float batch, used for poisoning and for the test
+  set. ``index`` holds each sample's position in its set (the training set the attack poisons,
+  or the test split), the same however the set is chunked, so sample-specific triggers (a
+  random position per image, per-image residuals) are deterministic per sample.
 
 Definitions (also in the README): ``poison_rate`` is the fraction of the whole training set
 that is poisoned (the set the model trains on, after the defender's clean reserve is carved
@@ -105,8 +108,15 @@ class Attack(ABC):
         """
 
     @abstractmethod
-    def apply_trigger(self, x: Tensor) -> Tensor:
-        """The trigger on float pixels ``(N, C, H, W)`` in [0, 1]; same shape, dtype, range."""
+    def apply_trigger(self, x: Tensor, index: Tensor | None = None) -> Tensor:
+        """The trigger on float pixels ``(N, C, H, W)`` in [0, 1]; same shape, dtype, range.
+
+        ``index``: ``(N,)`` int64, each sample's position in the set it comes from (the
+        training set for poisoning, the test split for the backdoor test set), or ``None``
+        where no set is behind the batch (a training-controlled attack's ``batch_hook``).
+        Sample-agnostic triggers ignore it; a sample-specific one derives each sample's
+        trigger from it (and its own seeded state) and raises where it needs it.
+        """
 
     def target_labels(self, y: Tensor) -> Tensor:
         """The labels a triggered input should get."""
@@ -116,17 +126,22 @@ class Attack(ABC):
             return (y + 1) % self.num_classes
         return torch.full_like(y, self.target_class)
 
-    def trigger_uint8(self, x: Tensor) -> Tensor:
-        """``apply_trigger`` on uint8 images, quantised back to uint8 (as stored files are)."""
+    def trigger_uint8(self, x: Tensor, index: Tensor | None = None) -> Tensor:
+        """``apply_trigger`` on uint8 images, quantised back to uint8 (as stored files are),
+        ``_CHUNK`` samples at a time; each chunk gets its slice of ``index`` (the samples'
+        positions in their set, not in the chunk)."""
+        if index is not None and tuple(index.shape) != (x.shape[0],):
+            raise ValueError(f"index has shape {tuple(index.shape)}, expected ({x.shape[0]},)")
         out = torch.empty_like(x)
         for i in range(0, x.shape[0], _CHUNK):
-            out[i : i + _CHUNK] = to_uint8(self.apply_trigger(to_float(x[i : i + _CHUNK])))
+            part = None if index is None else index[i : i + _CHUNK]
+            out[i : i + _CHUNK] = to_uint8(self.apply_trigger(to_float(x[i : i + _CHUNK]), part))
         return out
 
     def poison_images(self, x: Tensor, index: Tensor) -> Tensor:
         """The stored poisoned training images (uint8) for the training images ``x`` at
         ``index``; default: the trigger. Clean-label attacks may perturb them first."""
-        return self.trigger_uint8(x)
+        return self.trigger_uint8(x, index)
 
     def batch_hook(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """Training-controlled attacks (``controls_training = True``) poison each batch here,
@@ -166,7 +181,7 @@ class Attack(ABC):
             keep = torch.arange(len(test), device=test.device)
         src = test.subset(keep)
         return PoisonedSet(
-            self.trigger_uint8(src.x),
+            self.trigger_uint8(src.x, keep),
             self.target_labels(src.y),
             test.classes,
             is_poison=torch.ones(len(src), dtype=torch.bool, device=test.device),

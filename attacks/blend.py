@@ -119,7 +119,7 @@ class Blend(Attack):
             return (x + alpha * key).clamp_(0.0, 1.0)
         return ((1.0 - alpha) * x + alpha * key).clamp_(0.0, 1.0)
 
-    def apply_trigger(self, x: Tensor) -> Tensor:
+    def apply_trigger(self, x: Tensor, index: Tensor | None = None) -> Tensor:
         """The test-time trigger (``test_alpha``)."""
         return self._blend(x, self.test_alpha)
 

@@ -143,14 +143,14 @@ class LabelConsistent(CleanLabelAttack):
         pattern = corner_pattern(x.shape[-2], x.shape[-1]).to(device=x.device, dtype=x.dtype)
         return (x + self.amplitude * pattern).clamp_(0.0, 1.0)
 
-    def apply_trigger(self, x: Tensor) -> Tensor:
+    def apply_trigger(self, x: Tensor, index: Tensor | None = None) -> Tensor:
         """The test-time trigger: the corner checker on clean images."""
         return self._trigger(x)
 
     def poison_images(self, x: Tensor, index: Tensor) -> Tensor:
         """PGD-perturbed (against the surrogate), then triggered target-class images."""
         if self.adv_model == "none" or self.steps == 0 or self.eps == 0.0:
-            return self.trigger_uint8(x)
+            return self.trigger_uint8(x, index)
         spec = {
             "adv_model": self.adv_model,
             "adv_train": self.adv_train if self.adv_model == "adversarial" else None,
@@ -188,7 +188,7 @@ class LabelConsistent(CleanLabelAttack):
             return {"images": out}
 
         perturbed = ctx.memo("label_consistent_pgd", spec, perturb)["images"].to(x.device)
-        return self.trigger_uint8(perturbed)
+        return self.trigger_uint8(perturbed, index)
 
     def describe(self, n_train: int) -> dict[str, Any]:
         return {

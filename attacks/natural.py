@@ -114,7 +114,7 @@ class Natural(Attack):
     def select(self, train: ImageSet, gen: torch.Generator) -> Tensor:
         return torch.empty(0, dtype=torch.long)
 
-    def apply_trigger(self, x: Tensor) -> Tensor:
+    def apply_trigger(self, x: Tensor, index: Tensor | None = None) -> Tensor:
         if self.mask is None or self.pattern is None:
             raise RuntimeError("the natural trigger is only known after invert() on a model")
         return stamp(x, self.mask.to(x.device, x.dtype), self.pattern.to(x.device, x.dtype))

@@ -73,7 +73,7 @@ class SIG(CleanLabelAttack):
     def _add(self, x: Tensor, delta: float) -> Tensor:
         return (x + self.signal(x.shape[-1], delta, x.device).to(x.dtype)).clamp_(0.0, 1.0)
 
-    def apply_trigger(self, x: Tensor) -> Tensor:
+    def apply_trigger(self, x: Tensor, index: Tensor | None = None) -> Tensor:
         """The test-time signal (``test_delta``)."""
         return self._add(x, self.test_delta)
 

@@ -209,7 +209,7 @@ class WaNet(Attack):
             self._grids[key] = torch.clamp(grid, -1, 1).to(device=device, dtype=dtype)
         return self._grids[key]
 
-    def apply_trigger(self, x: Tensor) -> Tensor:
+    def apply_trigger(self, x: Tensor, index: Tensor | None = None) -> Tensor:
         if x.shape[0] == 0:
             return x.clone()
         grid = self.warp_grid(x.device, x.dtype)
@@ -310,7 +310,7 @@ class WaNet(Attack):
         cover = torch.sort(perm[m : m + c]).values
         idx_d, cover_d = idx.to(train.device), cover.to(train.device)
         x, y = train.x.clone(), train.y.clone()
-        x[idx_d] = self.trigger_uint8(train.x[idx_d])
+        x[idx_d] = self.trigger_uint8(train.x[idx_d], idx_d)
         y[idx_d] = self.target_labels(train.y[idx_d])
         x[cover_d] = self.noise_uint8(train.x[cover_d], gen)
         self.cover_index = cover

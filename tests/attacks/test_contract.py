@@ -122,6 +122,20 @@ def test_trigger_keeps_shape_dtype_and_range(name: str) -> None:
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_trigger_is_per_sample_and_chunk_invariant(name: str, monkeypatch) -> None:
+    """Each sample's trigger depends on its image and its index only: the same whether the
+    set is triggered in chunks or at once, and in any order (sample-specific triggers too)."""
+    attack = prepared(name, toy_set(N, K, SHAPE))
+    x = toy_set(40, K, SHAPE, seed=5).x
+    index = torch.arange(100, 140)
+    whole = attack.trigger_uint8(x, index)
+    monkeypatch.setattr("attacks.base._CHUNK", 7)
+    assert torch.equal(attack.trigger_uint8(x, index), whole)
+    perm = torch.randperm(40, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(attack.trigger_uint8(x[perm], index[perm]), whole[perm])
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_backdoor_test_set_excludes_the_target_class(name: str) -> None:
     test = toy_set(100, K, SHAPE, seed=3)
     attack = prepared(name, test)
