@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
@@ -32,6 +33,9 @@ from attacks.context import AttackContext, StageContext, StageTest
 from benchmark.data import to_float, to_uint8
 from benchmark.errors import ConfigError
 from benchmark.types import ImageSet, PoisonedSet
+
+if TYPE_CHECKING:
+    from benchmark.datasets.base import Dataset
 
 Mode = Literal["all2one", "all2all"]
 _CHUNK = 4096  # samples triggered at once, to bound memory on large sets
@@ -142,6 +146,11 @@ class Attack(ABC):
         """The stored poisoned training images (uint8) for the training images ``x`` at
         ``index``; default: the trigger. Clean-label attacks may perturb them first."""
         return self.trigger_uint8(x, index)
+
+    def train_augment(self, dataset: Dataset) -> Callable[[Tensor, torch.Generator], Tensor] | None:
+        """The backdoor training's augmentation where the attack brings its own (WaNet's
+        ``augment: backdoorbench``); default None: the dataset's crop + flip."""
+        return None
 
     def batch_hook(self, x: Tensor, y: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
         """Training-controlled attacks (``controls_training = True``) poison each batch here,

@@ -117,5 +117,5 @@ def augmentation(
 ) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
     """The training augmentation: the attack's own where it supplies one (``train_augment``,
     e.g. WaNet's ``augment=backdoorbench``), else the dataset's crop + flip."""
-    own = getattr(attack, "train_augment", None)
-    return (own(dataset) if own else None) or Augment(dataset.crop_padding, dataset.hflip)
+    own = attack.train_augment(dataset) if attack is not None else None
+    return own or Augment(dataset.crop_padding, dataset.hflip)

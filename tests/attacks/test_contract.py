@@ -136,6 +136,17 @@ def test_trigger_is_per_sample_and_chunk_invariant(name: str, monkeypatch) -> No
 
 
 @pytest.mark.parametrize("name", NAMES)
+def test_state_dict_rebuilds_the_trigger(name: str) -> None:
+    """What a cached backdoored model restores (``state_dict`` -> ``load_state_dict`` on an
+    attack that never saw the data) gives the same trigger as the attack that was prepared."""
+    attack = prepared(name, toy_set(N, K, SHAPE), seed=3)
+    fresh = make_attack(name)
+    fresh.load_state_dict(attack.state_dict())
+    x, index = toy_set(20, K, SHAPE, seed=4).x, torch.arange(20) + 7
+    assert torch.equal(fresh.trigger_uint8(x, index), attack.trigger_uint8(x, index))
+
+
+@pytest.mark.parametrize("name", NAMES)
 def test_backdoor_test_set_excludes_the_target_class(name: str) -> None:
     test = toy_set(100, K, SHAPE, seed=3)
     attack = prepared(name, test)
