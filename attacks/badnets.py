@@ -44,7 +44,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from attacks.base import Attack, Mode
+from attacks.base import Attack, Mode, checks
 from benchmark.errors import ConfigError
 
 CORNERS = ("bottom_right", "bottom_left", "top_right", "top_left")
@@ -78,31 +78,24 @@ class BadNets(Attack):
         pattern: str = "square",
     ) -> None:
         super().__init__(target_class, poison_rate, mode)
-        if not isinstance(size, int) or size < 1:
-            raise ConfigError("attack.size", f"must be a positive integer, got {size!r}")
-        if not isinstance(margin, int) or margin < 0:
-            raise ConfigError("attack.margin", f"must be an integer >= 0, got {margin!r}")
-        if not 0.0 <= float(value) <= 1.0:
-            raise ConfigError("attack.value", f"must be a pixel value in [0, 1], got {value!r}")
+        checks.integer(size, "size")
+        checks.integer(margin, "margin", 0)
+        checks.number(value, "value", 0.0, 1.0)
         if isinstance(position, str):
-            if position not in CORNERS:
-                raise ConfigError(
-                    "attack.position",
-                    f"must be one of {list(CORNERS)} or [row, col], got {position!r}",
-                )
-        elif len(position) != 2 or not all(isinstance(p, int) and p >= 0 for p in position):
-            raise ConfigError(
-                "attack.position", f"[row, col] needs two integers >= 0, got {list(position)!r}"
+            checks.require(
+                position in CORNERS, "position", f"one of {CORNERS} or [row, col]", position
             )
+        else:
+            corner = list(position)
+            ok = len(corner) == 2 and all(checks.is_int(p) and p >= 0 for p in corner)
+            checks.require(ok, "position", "[row, col] of two integers >= 0", corner)
         self.size, self.margin, self.value = size, margin, float(value)
         self.position = position if isinstance(position, str) else tuple(position)
         self.pattern = pattern
         self.image: np.ndarray | None = None  # (H, W, 3) uint8 trigger file, as read
         self.image_sha256: str | None = None
-        if not isinstance(pattern, str) or not pattern:
-            raise ConfigError(
-                "attack.pattern", f"must be {' | '.join(PATTERNS)} | an image path, got {pattern!r}"
-            )
+        what = f"{' | '.join(PATTERNS)} | an image path"
+        checks.require(isinstance(pattern, str) and bool(pattern), "pattern", what, pattern)
         if pattern not in PATTERNS:
             self.image, self.image_sha256 = read_trigger_image(Path(pattern).expanduser())
         self.origin: tuple[int, int] | None = None

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from attacks.context import AttackContext, StageContext, StageTest
+from benchmark.checks import Checks
 from benchmark.data import to_float, to_uint8
 from benchmark.errors import ConfigError
 from benchmark.types import ImageSet, PoisonedSet
@@ -39,6 +40,7 @@ if TYPE_CHECKING:
 
 Mode = Literal["all2one", "all2all"]
 _CHUNK = 4096  # samples triggered at once, to bound memory on large sets
+checks = Checks("attack")
 
 
 class Attack(ABC):
@@ -62,14 +64,9 @@ class Attack(ABC):
     def __init__(
         self, target_class: int = 0, poison_rate: float = 0.1, mode: Mode = "all2one"
     ) -> None:
-        if isinstance(target_class, bool) or not isinstance(target_class, int) or target_class < 0:
-            raise ConfigError(
-                "attack.target_class", f"must be a class index >= 0, got {target_class!r}"
-            )
-        if not isinstance(poison_rate, int | float) or not 0.0 < poison_rate <= 1.0:
-            raise ConfigError("attack.poison_rate", f"must be in (0, 1], got {poison_rate!r}")
-        if mode not in self.modes:
-            raise ConfigError("attack.mode", f"must be one of {list(self.modes)}, got {mode!r}")
+        checks.integer(target_class, "target_class", 0)
+        checks.number(poison_rate, "poison_rate", 0.0, 1.0, low_open=True)
+        checks.one_of(mode, "mode", self.modes)
         self.target_class = target_class
         self.poison_rate = float(poison_rate)
         self.mode = mode
@@ -253,10 +250,7 @@ class CleanLabelAttack(Attack):
         rate_of: RateOf = "target_class",
     ) -> None:
         super().__init__(target_class, poison_rate, mode)
-        if rate_of not in ("target_class", "train_set"):
-            raise ConfigError(
-                "attack.rate_of", f"must be 'target_class' or 'train_set', got {rate_of!r}"
-            )
+        checks.one_of(rate_of, "rate_of", ("target_class", "train_set"))
         self.rate_of = rate_of
         self.n_target: int | None = None  # target-class samples of the training set
 

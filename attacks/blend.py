@@ -42,7 +42,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 
-from attacks.base import Attack, AttackContext, Mode
+from attacks.base import Attack, AttackContext, Mode, checks
 from benchmark.data import to_float, to_uint8
 from benchmark.errors import ConfigError
 from benchmark.types import ImageSet
@@ -76,11 +76,9 @@ class Blend(Attack):
         formula: Formula = "convex",
     ) -> None:
         super().__init__(target_class, poison_rate, mode)
-        for key, value in (("alpha", alpha), ("test_alpha", test_alpha)):
-            if value is not None and not 0.0 < float(value) <= 1.0:
-                raise ConfigError(f"attack.{key}", f"must be in (0, 1], got {value!r}")
-        if formula not in FORMULAS:
-            raise ConfigError("attack.formula", f"must be one of {list(FORMULAS)}, got {formula!r}")
+        checks.number(alpha, "alpha", 0.0, 1.0, low_open=True)
+        checks.null_or_number(test_alpha, "test_alpha", 0.0, 1.0, low_open=True)
+        checks.one_of(formula, "formula", FORMULAS)
         self.alpha = float(alpha)
         self.test_alpha = float(alpha if test_alpha is None else test_alpha)
         self.formula: Formula = formula

@@ -43,7 +43,7 @@ from typing import Any, ClassVar, Literal
 import torch
 from torch import Tensor
 
-from attacks.base import AttackContext, CleanLabelAttack, Mode, RateOf
+from attacks.base import AttackContext, CleanLabelAttack, Mode, RateOf, checks
 from attacks.pgd import pgd_linf
 from benchmark import progress
 from benchmark.data import to_float, to_uint8
@@ -54,6 +54,7 @@ from benchmark.types import ImageSet
 # right corners mirrored left-right (``poison_attack.py``, "all-corners").
 CHECKER = torch.tensor([[1.0, -1.0, -1.0], [-1.0, 1.0, -1.0], [1.0, -1.0, 1.0]])
 AdvModel = Literal["adversarial", "clean", "none"]
+ADV_MODELS = ("adversarial", "clean", "none")
 
 
 def corner_pattern(h: int, w: int) -> Tensor:
@@ -94,17 +95,11 @@ class LabelConsistent(CleanLabelAttack):
         adv_train: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(target_class, poison_rate, mode, rate_of)
-        if not 0.0 < float(amplitude) <= 1.0:
-            raise ConfigError("attack.amplitude", f"must be in (0, 1], got {amplitude!r}")
-        if adv_model not in ("adversarial", "clean", "none"):
-            raise ConfigError(
-                "attack.adv_model", f"must be adversarial, clean or none, got {adv_model!r}"
-            )
-        for key, value in (("eps", eps), ("step", step)):
-            if not 0.0 <= float(value) <= 1.0:
-                raise ConfigError(f"attack.{key}", f"must be in [0, 1] (pixel units), got {value}")
-        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
-            raise ConfigError("attack.steps", f"must be an integer >= 0, got {steps!r}")
+        checks.number(amplitude, "amplitude", 0.0, 1.0, low_open=True)
+        checks.one_of(adv_model, "adv_model", ADV_MODELS)
+        checks.number(eps, "eps", 0.0, 1.0)
+        checks.number(step, "step", 0.0, 1.0)
+        checks.integer(steps, "steps", 0)
         adv = {"eps": 8 / 255, "step": 2 / 255, "steps": 7, **dict(adv_train or {})}
         unknown = set(adv) - {"eps", "step", "steps"}
         if unknown:

@@ -37,7 +37,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from attacks.base import Attack, StageContext, StageTest
+from attacks.base import Attack, StageContext, StageTest, checks
 from attacks.inversion import InvertedTriggers, invert_triggers, stamp, trigger_asr
 from benchmark.data import stratified_split
 from benchmark.errors import ConfigError
@@ -82,18 +82,17 @@ class Natural(Attack):
         super().__init__(0 if target_class is None else target_class, 1.0, "all2one")
         self.poison_rate = 0.0
         self.fixed_target = target_class
-        budgets = sorted({float(b) for b in budgets} | {float(budget)})
-        if not all(0.0 < b <= 1.0 for b in budgets):
-            raise ConfigError("attack.budgets", f"must lie in (0, 1], got {budgets}")
-        for key, value, low in (("steps", steps, 1), ("batch_size", batch_size, 1)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise ConfigError(f"attack.{key}", f"must be an integer >= {low}, got {value!r}")
-        if not float(lr) > 0 or not float(penalty) >= 0:
-            raise ConfigError("attack.lr", f"lr must be > 0 and penalty >= 0 ({lr}, {penalty})")
-        if not 0.0 < float(inversion_fraction) < 1.0:
-            raise ConfigError(
-                "attack.inversion_fraction", f"must be in (0, 1), got {inversion_fraction!r}"
-            )
+        values = [*budgets, budget]
+        ok = all(checks.in_range(b, 0.0, 1.0, low_open=True) for b in values)
+        checks.require(ok, "budgets", "numbers in (0, 1] (budget included)", values)
+        budgets = sorted({float(b) for b in values})
+        checks.integer(steps, "steps")
+        checks.integer(batch_size, "batch_size")
+        checks.number(lr, "lr", 0.0, low_open=True)
+        checks.number(penalty, "penalty", 0.0)
+        checks.number(
+            inversion_fraction, "inversion_fraction", 0.0, 1.0, low_open=True, high_open=True
+        )
         self.budget, self.budgets = float(budget), tuple(budgets)
         self.steps, self.lr, self.batch_size = steps, float(lr), batch_size
         self.penalty, self.inversion_fraction = float(penalty), float(inversion_fraction)

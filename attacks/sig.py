@@ -29,9 +29,8 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from attacks.base import CleanLabelAttack, Mode, RateOf
+from attacks.base import CleanLabelAttack, Mode, RateOf, checks
 from benchmark.data import to_float, to_uint8
-from benchmark.errors import ConfigError
 
 
 class SIG(CleanLabelAttack):
@@ -56,11 +55,9 @@ class SIG(CleanLabelAttack):
         frequency: float = 6.0,
     ) -> None:
         super().__init__(target_class, poison_rate, mode, rate_of)
-        for key, value in (("delta", delta), ("test_delta", test_delta)):
-            if value is not None and not 0.0 < float(value) <= 255.0:
-                raise ConfigError(f"attack.{key}", f"must be in (0, 255], got {value!r}")
-        if not float(frequency) > 0.0:
-            raise ConfigError("attack.frequency", f"must be > 0, got {frequency!r}")
+        checks.number(delta, "delta", 0.0, 255.0, low_open=True)
+        checks.null_or_number(test_delta, "test_delta", 0.0, 255.0, low_open=True)
+        checks.number(frequency, "frequency", 0.0, low_open=True)
         self.delta = float(delta)
         self.test_delta = float(delta if test_delta is None else test_delta)
         self.frequency = float(frequency)

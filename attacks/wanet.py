@@ -71,7 +71,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from attacks.base import Attack, AttackContext, Mode
+from attacks.base import Attack, AttackContext, Mode, checks
 from benchmark.augment import PerBatchAugment
 from benchmark.data import to_float, to_uint8
 from benchmark.errors import ConfigError
@@ -93,10 +93,6 @@ BB_CROP_PADDING, BB_CROP_P, BB_DEGREES, BB_ROTATION_P = 5, 0.8, 10.0, 0.5
 
 def _floor(v: float) -> int:
     return math.floor(v + _EPS)
-
-
-def _is_number(v: object) -> bool:
-    return not isinstance(v, bool) and isinstance(v, int | float)
 
 
 class WaNet(Attack):
@@ -128,18 +124,11 @@ class WaNet(Attack):
         augment: Augmentation = "harness",
     ) -> None:
         super().__init__(target_class, poison_rate, mode)
-        if isinstance(k, bool) or not isinstance(k, int) or k < 2:
-            raise ConfigError("attack.k", f"must be an integer >= 2, got {k!r}")
-        if not _is_number(strength) or not strength > 0:
-            raise ConfigError("attack.strength", f"must be a number > 0, got {strength!r}")
-        if not _is_number(grid_rescale) or not grid_rescale > 0:
-            raise ConfigError("attack.grid_rescale", f"must be a number > 0, got {grid_rescale!r}")
-        if not _is_number(cross_ratio) or not cross_ratio >= 0:
-            raise ConfigError("attack.cross_ratio", f"must be a number >= 0, got {cross_ratio!r}")
-        if augment not in AUGMENTATIONS:
-            raise ConfigError(
-                "attack.augment", f"must be one of {list(AUGMENTATIONS)}, got {augment!r}"
-            )
+        checks.integer(k, "k", 2)
+        checks.number(strength, "strength", 0.0, low_open=True)
+        checks.number(grid_rescale, "grid_rescale", 0.0, low_open=True)
+        checks.number(cross_ratio, "cross_ratio", 0.0)
+        checks.one_of(augment, "augment", AUGMENTATIONS)
         self.augment: Augmentation = augment
         self.k = k
         self.strength = float(strength)

@@ -7,7 +7,7 @@
 - ``prepare_clean``: the seeded per-class draw from the defender's clean reserve, filtered to the
   images the model classifies correctly (the official code's filter), with the original logits;
 - ``bound_extras``, ``controller_from``, ``check_floor``: the extras and the config checks both
-  defenses share (with ``defenses/checks.py``). ``bound_extras`` flags a run whose final clean
+  defenses share (with ``benchmark/checks.py``). ``bound_extras`` flags a run whose final clean
   agreement is below the controller's target (``controller_failed``), and warns: such a
   clipped model is not the method's intended trade-off, so its CA cost should not be read as
   the method's.
@@ -27,13 +27,14 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from benchmark import progress
+from benchmark.checks import Checks
 from benchmark.data import to_float
 from benchmark.types import ImageSet
-from defenses import checks
 from defenses.base import DefenseContext
 from defenses.clipping import ClippedModel
 
 log = logging.getLogger(__name__)
+checks = Checks("defense")
 
 
 @dataclass(frozen=True)

@@ -41,10 +41,10 @@ import torch
 from torch import Tensor, nn
 
 from attacks.inversion import invert_triggers, stamp
+from benchmark.checks import Checks
 from benchmark.errors import ConfigError
 from benchmark.seeding import derive_seed
 from benchmark.types import ImageSet
-from defenses import checks
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
 from defenses.linf_scores import (
     NORMS,
@@ -61,6 +61,7 @@ from defenses.masking import install_mask, set_pruned
 __all__ = ["RANKINGS", "LinfPrune"]
 
 log = logging.getLogger(__name__)
+checks = Checks("defense")
 
 RANKINGS = ("clean_asc", "inverted_desc", "inverted_diff_desc")
 

@@ -35,9 +35,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmark.checks import Checks
 from benchmark.errors import ConfigError
 from benchmark.train import use_channels_last
-from defenses import checks
 from defenses.base import Defense, DefenseContext, DefenseResult, InputDetector, Stage
 from defenses.bound_fit import (
     batched,
@@ -50,6 +50,7 @@ from defenses.bound_fit import (
 from defenses.clipping import ClippedModel, clip_points, margins, synthesize_max_margin
 
 log = logging.getLogger(__name__)
+checks = Checks("defense")
 
 SYNTHESIZE_ON = ("original", "clipped")
 

@@ -36,9 +36,9 @@ import torch
 from omegaconf import ListConfig
 from torch import Tensor
 
+from benchmark.checks import Checks
 from benchmark.errors import ConfigError
 from benchmark.train import use_channels_last
-from defenses import checks
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
 from defenses.bound_fit import (
     bound_extras,
@@ -50,6 +50,7 @@ from defenses.bound_fit import (
 from defenses.clipping import ClippedModel, ClipPoint, clip_points
 
 log = logging.getLogger(__name__)
+checks = Checks("defense")
 
 
 def stage_end_points(points: Sequence[ClipPoint], n: int) -> list[ClipPoint]:

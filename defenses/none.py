@@ -39,10 +39,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from benchmark.checks import Checks
 from benchmark.errors import ConfigError
 from benchmark.seeding import derive_seed
 from benchmark.types import ImageSet
-from defenses import checks
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
 from defenses.none_passes import collect_statistics, frozen_norms, summed_activation
 from defenses.none_report import RoundReport, round_extras, save_rounds
@@ -52,6 +52,7 @@ from defenses.none_scores import jenks_flags, n_reset, top_channels
 __all__ = ["NONE"]
 
 log = logging.getLogger(__name__)
+checks = Checks("defense")
 
 
 # -- the defense --------------------------------------------------------------------------------

@@ -37,10 +37,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from benchmark.checks import Checks
 from benchmark.errors import ConfigError
 from benchmark.seeding import derive_seed
 from benchmark.types import ImageSet
-from defenses import checks
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
 from defenses.ulrl_parts import (
     ORDERS,
@@ -59,6 +59,7 @@ from defenses.ulrl_parts import (
 )
 
 log = logging.getLogger(__name__)
+checks = Checks("defense")
 
 
 # -- the defense --------------------------------------------------------------------------------

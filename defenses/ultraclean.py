@@ -32,11 +32,10 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
+from benchmark.checks import Checks, is_int
 from benchmark.errors import ConfigError
 from benchmark.io import atomic_torch_save
-from defenses import checks
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
-from defenses.checks import is_int, require
 from defenses.ultraclean_denoise import (  # re-exported: the denoisers are part of this API
     available_cpus,
     from_hwc,
@@ -67,6 +66,7 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+checks = Checks("defense")
 
 UNSCORED = -1.0  # score of samples not scored in known-target mode: below any L1 distance
 
@@ -123,7 +123,7 @@ class UltraClean(Defense):
     def _check_settings(self) -> None:
         checks.number(self.removal_ratio, "removal_ratio", 0.0, 1.0, high_open=True)
         checks.one_of(self.score_space, "score_space", SCORE_SPACES)
-        require(
+        checks.require(
             self.known_target is None or (is_int(self.known_target) and self.known_target >= 0),
             "known_target",
             "null or a class index >= 0",
@@ -134,12 +134,12 @@ class UltraClean(Defense):
             checks.integer(getattr(self, key), key)
         for key in ("nl_means_template", "nl_means_search"):
             value = getattr(self, key)
-            require(
+            checks.require(
                 is_int(value) and value >= 1 and value % 2 == 1, key, "an odd integer >= 1", value
             )
         for key in ("nl_means_h", "nl_means_h_color"):
             checks.number(getattr(self, key), key, 0.0, low_open=True)
-        require(
+        checks.require(
             self.workers is None or (is_int(self.workers) and self.workers >= 1),
             "workers",
             "null or an integer >= 1",
@@ -150,7 +150,7 @@ class UltraClean(Defense):
         """Check every setting, and ``known_target`` against the number of classes."""
         self._check_settings()
         if self.known_target is not None:
-            require(
+            checks.require(
                 self.known_target < num_classes,
                 "known_target",
                 f"a class index in [0, {num_classes})",

@@ -74,6 +74,28 @@ def test_square_that_does_not_fit_is_an_error() -> None:
         BadNets(poison_rate=0.001).validate(10, (1, 8, 8), 100)  # rounds to no sample
 
 
+@pytest.mark.parametrize(
+    ("kwargs", "expected"),
+    [
+        ({"size": 0}, "attack.size: must be an integer >= 1, got 0"),
+        ({"size": True}, "attack.size: must be an integer >= 1, got True"),
+        ({"margin": -1}, "attack.margin: must be an integer >= 0, got -1"),
+        ({"value": 1.5}, "attack.value: must be a number in [0, 1], got 1.5"),
+        ({"value": "1"}, "attack.value: must be a number in [0, 1], got '1'"),
+        ({"position": [0, -1]}, "attack.position: must be [row, col] of two integers >= 0"),
+        ({"position": [0]}, "attack.position: must be [row, col] of two integers >= 0"),
+        ({"pattern": ""}, "attack.pattern: must be square | checker | an image path, got ''"),
+        ({"target_class": -1}, "attack.target_class: must be an integer >= 0, got -1"),
+        ({"poison_rate": True}, "attack.poison_rate: must be a number in (0, 1], got True"),
+    ],
+)
+def test_bad_values_get_the_shared_checks_wording(kwargs: dict, expected: str) -> None:
+    """Numbers are ints or floats, never bools or text (``benchmark.checks``)."""
+    with pytest.raises(ConfigError) as err:
+        BadNets(**kwargs)
+    assert str(err.value).startswith(expected)
+
+
 # -- attack.pattern -------------------------------------------------------------------------------
 def _old_square(x: torch.Tensor, row: int, col: int, size: int, value: float) -> torch.Tensor:
     """The trigger before ``pattern`` existed: every pixel of the square set to ``value``."""

@@ -92,7 +92,10 @@ def test_fixed_target_inverts_only_that_target() -> None:
     [
         ({"budgets": [0.0, 0.1]}, "budgets"),
         ({"budget": 1.5}, "budgets"),
+        ({"budgets": [True]}, "budgets"),
         ({"steps": 0}, "steps"),
+        ({"lr": 0.0}, "lr"),
+        ({"penalty": -1.0}, "penalty"),
         ({"inversion_fraction": 1.0}, "inversion_fraction"),
     ],
 )

@@ -93,7 +93,7 @@ def test_bad_value_gives_one_clear_error_and_a_failed_record(tmp_path: Path) -> 
     proc = cli(["debug=smoke", "logger=none", "attack.poison_rate=1.5"], tmp_path)
     out = proc.stdout + proc.stderr
     assert proc.returncode == 2
-    assert "attack.poison_rate: must be in (0, 1], got 1.5" in out
+    assert "attack.poison_rate: must be a number in (0, 1], got 1.5" in out
     assert "Traceback" not in out
     (record,) = records(tmp_path)
     assert record["status"] == "failed" and "attack.poison_rate" in record["error"]
