@@ -113,11 +113,12 @@ def test_poison_does_not_mutate_its_input(name: str) -> None:
 def test_trigger_keeps_shape_dtype_and_range(name: str) -> None:
     attack = prepared(name, toy_set(N, K, SHAPE))
     x = torch.rand(7, *SHAPE)
-    out = attack.apply_trigger(x)
+    index = torch.arange(7)  # sample-specific triggers need it; the others ignore it
+    out = attack.apply_trigger(x, index)
     assert out.shape == x.shape and out.dtype == x.dtype
     assert out.min() >= 0.0 and out.max() <= 1.0
     assert torch.equal(x, x.clone())  # input untouched
-    u = attack.trigger_uint8((x * 255).to(torch.uint8))
+    u = attack.trigger_uint8((x * 255).to(torch.uint8), index)
     assert u.dtype == torch.uint8 and u.shape == x.shape
 
 
