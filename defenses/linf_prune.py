@@ -11,7 +11,7 @@ code, so the procedure is the implementer notes' reconstruction
 (``defenses-ultraclean-none-linf.md`` section 3):
 
 1. the neurons are the last conv layer's channels, measured after its norm and activation
-   (``defenses/linf_sites.py``), masked with ``defenses/masking.py``;
+   (``defenses/prune_sites.py``), masked with ``defenses/masking.py``;
 2. score: the per-image l-inf (or ``norm``: l1, l2) norm of each channel's map, averaged;
 3. ranking: ``inverted_desc`` (default: the channels a trigger inverted on the reserve excites
    most), ``inverted_diff_desc`` (stamped minus clean) or ``clean_asc`` (Fine-Pruning's order
@@ -55,8 +55,8 @@ from defenses.linf_scores import (
     rank_channels,
     site_scores,
 )
-from defenses.linf_sites import PruneSite, find_site
 from defenses.masking import install_mask, set_pruned
+from defenses.prune_sites import PruneSite, find_site
 
 __all__ = ["RANKINGS", "LinfPrune"]
 
@@ -145,7 +145,7 @@ class LinfPrune(Defense):
     def validate(self, num_classes: int, n_train: int, n_clean: int) -> None:
         if n_clean < 1:
             raise ConfigError(
-                "defense_data.clean_fraction", "linf_prune needs a non-empty clean reserve"
+                "defense_data.clean_fraction", f"{self.name} needs a non-empty clean reserve"
             )
         t = self.inversion_target
         checks.require(
@@ -185,6 +185,7 @@ class LinfPrune(Defense):
                 transform=transform,
                 device=device,
                 batch_size=self.batch_size,
+                desc=f"{self.name} channel scores",
             )
             return per_image.mean(0)  # aggregate over images: mean of the per-image norms
 
@@ -210,7 +211,7 @@ class LinfPrune(Defense):
             device=device,
             seed=seed,
             amp=device.type == "cuda",
-            desc="linf_prune trigger inversion",
+            desc=f"{self.name} trigger inversion",
         )
         row = int(torch.argmax(inv.fit_asr[:, 0]))  # first maximum: lowest class on ties
         target = int(inv.targets[row])
@@ -243,7 +244,8 @@ class LinfPrune(Defense):
         model.to(device).eval()
         data = self.reserve(ctx)
         log.info(
-            "linf_prune: %s channels of %s, measured at %s (%s); %d reserve images",
+            "%s: %s channels of %s, measured at %s (%s); %d reserve images",
+            self.name,
             site.channels,
             site.conv_name,
             site.name,
@@ -269,12 +271,21 @@ class LinfPrune(Defense):
         acc0 = acc_at(0)
         asr0 = inverted_asr(model, data, ranking, device, self.batch_size)
         n_max = min(math.floor(self.max_fraction * site.channels + 1e-9), site.channels - 1)
-        n, reason = prune_count(acc_at, acc0, n_max, self.max_acc_drop, asr_at, self.stop_asr)
+        n, reason = prune_count(
+            acc_at,
+            acc0,
+            n_max,
+            self.max_acc_drop,
+            asr_at,
+            self.stop_asr,
+            desc=f"{self.name} pruning",
+        )
         set_pruned(mask, ranking.order[:n])
         acc_pruned = accuracy(model, data, device, self.batch_size)
         asr_pruned = inverted_asr(model, data, ranking, device, self.batch_size)
         log.info(
-            "linf_prune: pruned %d/%d channels (%s); reserve accuracy %.4f -> %.4f",
+            "%s: pruned %d/%d channels (%s); reserve accuracy %.4f -> %.4f",
+            self.name,
             n,
             site.channels,
             reason,
@@ -289,7 +300,7 @@ class LinfPrune(Defense):
                 data,
                 epochs=self.finetune_epochs,
                 lr=self.finetune_lr,
-                desc="linf_prune finetune",
+                desc=f"{self.name} finetune",
             )
             model.eval()
             acc_after = accuracy(model, data, device, self.batch_size)

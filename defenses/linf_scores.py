@@ -47,6 +47,7 @@ def site_scores(
     transform: Callable[[Tensor], Tensor] | None = None,
     device: torch.device | str = "cpu",
     batch_size: int = 256,
+    desc: str = "channel scores",
 ) -> Tensor:
     """``channel_norms`` of ``site``'s output for every image of ``x`` (uint8 or float
     ``(N, C, H, W)``), optionally transformed (e.g. stamped) first; ``(N, channels)`` on the CPU.
@@ -63,7 +64,7 @@ def site_scores(
     model.to(device)
     try:
         starts = range(0, x.shape[0], batch_size)
-        for i in progress.bar(starts, desc="linf_prune channel scores", unit="batch"):
+        for i in progress.bar(starts, desc=desc, unit="batch"):
             xb = x[i : i + batch_size].to(device)
             xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
             model(transform(xb) if transform is not None else xb)
@@ -86,6 +87,7 @@ def prune_count(
     max_acc_drop: float,
     asr_at: Callable[[int], float] | None = None,
     stop_asr: float | None = None,
+    desc: str = "pruning",
 ) -> tuple[int, str]:
     """How many channels to prune, trying ``k = 1, 2, ..., n_max`` in turn.
 
@@ -96,11 +98,12 @@ def prune_count(
         max_acc_drop: the step whose accuracy drop from ``acc0`` exceeds this is not taken.
         asr_at: the inverted trigger's ASR with ``k`` channels pruned (only with ``stop_asr``).
         stop_asr: stop once ``asr_at(k) <= stop_asr`` (that step is kept); None = never.
+        desc: the progress bar's label.
 
     Returns:
         ``(k, reason)`` with ``reason`` in ``acc_budget``, ``asr``, ``max_fraction``.
     """
-    with progress.bar(range(1, n_max + 1), desc="linf_prune pruning", unit="channel") as ks:
+    with progress.bar(range(1, n_max + 1), desc=desc, unit="channel") as ks:
         for k in ks:
             if acc0 - acc_at(k) > max_acc_drop + 1e-9:
                 return k - 1, "acc_budget"

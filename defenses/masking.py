@@ -1,4 +1,4 @@
-"""Persistent channel masks, shared by the pruning defenses (``defense=linf_prune`` today).
+"""Persistent channel masks, shared by the channel-pruning defenses.
 
 A mask is a ``(C,)`` buffer ``channel_mask`` registered on the masked module plus a forward hook
 that multiplies the module's output by it along dim 1. The buffer is part of ``state_dict``

@@ -12,7 +12,7 @@ the hooked modules (leaves and norm layers by default) with its inputs and outpu
 - ``last_linear``: the final ``nn.Linear`` (rows = classes) and its name.
 
 Used by the models (``ImageClassifier.conv_layers`` etc.), NONE (``defenses/none_reset.py``),
-l-inf pruning (``defenses/linf_sites.py``), activation clipping (``defenses/clipping.py``) and
+l-inf pruning (``defenses/prune_sites.py``), activation clipping (``defenses/clipping.py``) and
 ULRL (``defenses/ulrl_parts.py``). No per-architecture code: activations must be modules
 (``nn.ReLU``), never functional calls, or they are invisible here.
 """

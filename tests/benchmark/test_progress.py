@@ -157,7 +157,9 @@ def test_none_analysis_and_linf_pruning_search(capfd: pytest.CaptureFixture[str]
     off, on = both(capfd, stats, "NONE hyperplane statistics")
     assert torch.equal(off, on)
     accs = [0.9, 0.9, 0.85, 0.6, 0.5]
-    off, on = both(capfd, lambda: prune_count(lambda k: accs[k], 0.9, 4, 0.1), "linf_prune")
+    off, on = both(
+        capfd, lambda: prune_count(lambda k: accs[k], 0.9, 4, 0.1, desc="fp pruning"), "fp pruning"
+    )
     assert off == on == (2, "acc_budget")
 
 

@@ -29,8 +29,8 @@ from benchmark.types import ImageSet
 from defenses.base import DefenseContext
 from defenses.linf_prune import LinfPrune
 from defenses.linf_scores import channel_norms, prune_count, rank_channels, site_scores
-from defenses.linf_sites import find_site
 from defenses.masking import MASK_BUFFER, install_mask, restore_masks, set_pruned
+from defenses.prune_sites import find_site
 from tests.conftest import toy_set
 from tests.defenses.toys import KW, RECIPE
 

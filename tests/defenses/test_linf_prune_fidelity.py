@@ -23,7 +23,7 @@ import defenses.linf_prune as linf_prune
 from attacks.inversion import InvertedTriggers
 from benchmark.types import ImageSet
 from defenses.linf_prune import LinfPrune
-from defenses.linf_sites import find_site
+from defenses.prune_sites import find_site
 from tests.defenses.fixtures.fidelity_inputs import (
     LINF_TARGET,
     linf_inputs,

@@ -1,4 +1,5 @@
-"""Where ``defense=linf_prune`` measures and masks the last conv layer's channels.
+"""Where the channel-pruning defenses measure and mask the last conv layer's channels
+(``defense=linf_prune`` and any defense built on it).
 
 The site's output is masked with ``defenses/masking.py`` (a persistent ``channel_mask`` buffer
 and hook): a pruned channel is multiplied by 0 after the activation, whatever the conv, norm or
@@ -65,14 +66,14 @@ def find_site(model: nn.Module) -> PruneSite:
     """The site of ``model``'s last conv layer (see the module docstring for the rule)."""
     if not isinstance(model, ImageClassifier):
         raise TypeError(
-            "linf_prune needs a harness ImageClassifier (conv_layers()), got "
+            "channel pruning needs a harness ImageClassifier (conv_layers()), got "
             f"{type(model).__name__}"
         )
     convs = model.conv_layers()
     if not convs:
         raise ConfigError(
             "model",
-            f"{type(model).__name__} has no nn.Conv2d layer: defense=linf_prune prunes the "
+            f"{type(model).__name__} has no nn.Conv2d layer: channel pruning masks the "
             "channels of the last convolution",
         )
     last = convs[-1]
