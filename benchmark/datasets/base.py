@@ -12,10 +12,13 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from typing import ClassVar
 
+from benchmark.checks import Checks
 from benchmark.data import stratified_indices
 from benchmark.errors import ConfigError
 from benchmark.seeding import generator
 from benchmark.types import ImageSet
+
+checks = Checks("dataset")
 
 
 class Dataset(ABC):
@@ -60,11 +63,11 @@ class Dataset(ABC):
         self.seed = seed
         # Per-instance overrides of the class defaults (e.g. ``dataset.hflip=false``).
         if hflip is not None:
-            self.hflip = bool(hflip)
+            checks.boolean(hflip, "hflip")
+            self.hflip = hflip
         if crop_padding is not None:
-            if crop_padding < 0:
-                raise ConfigError("dataset.crop_padding", f"must be >= 0, got {crop_padding}")
-            self.crop_padding = int(crop_padding)
+            checks.integer(crop_padding, "crop_padding", 0)
+            self.crop_padding = crop_padding
 
     def validate(self) -> None:
         """Check the classes and size limits against the metadata; raise ``ConfigError``.
@@ -86,8 +89,7 @@ class Dataset(ABC):
         for key, limit, size, split in splits:
             if limit is None:
                 continue
-            if not isinstance(limit, int) or isinstance(limit, bool):
-                raise ConfigError(f"dataset.{key}", f"must be an integer or null, got {limit!r}")
+            checks.require(checks.is_int(limit), key, "an integer or null", limit)
             if limit > size:
                 raise ConfigError(
                     f"dataset.{key}",

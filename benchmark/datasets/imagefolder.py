@@ -24,7 +24,7 @@ from benchmark.datasets._imagecache import (
     files_key,
     list_images,
 )
-from benchmark.datasets.base import Dataset
+from benchmark.datasets.base import Dataset, checks
 from benchmark.errors import ConfigError, DatasetUnavailable
 from benchmark.types import ImageSet
 
@@ -57,11 +57,8 @@ def _size(image_size: int | Sequence[int] | None) -> tuple[int, int] | None:
     if image_size is None:
         return None
     hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    if len(hw) != 2 or not all(isinstance(v, int) and v > 0 for v in hw):
-        raise ConfigError(
-            "dataset.image_size",
-            f"must be null, a positive integer or [height, width], got {image_size!r}",
-        )
+    ok = len(hw) == 2 and all(checks.is_int(v) and v > 0 for v in hw)
+    checks.require(ok, "image_size", "null, a positive integer or [height, width]", image_size)
     return int(hw[0]), int(hw[1])
 
 
@@ -87,8 +84,7 @@ class ImageFolder(Dataset):
         self.root = Path(root).expanduser().absolute()
         self.cache_dir = None if cache_dir is None else Path(cache_dir).expanduser()
         self.size = _size(image_size)
-        if channels not in (None, 1, 3):
-            raise ConfigError("dataset.channels", f"must be null, 1 or 3, got {channels!r}")
+        checks.one_of(channels, "channels", (None, 1, 3))
         classes, self.train_files, self.test_files = self.scan()
         self.classes = tuple(classes)
         self.num_classes = len(classes)
