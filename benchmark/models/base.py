@@ -7,7 +7,8 @@ triggers and defenses never deal with normalisation. It offers what defenses nee
   logits from them (the feature/head split, timm's naming);
 - ``last_linear()``: the final ``nn.Linear`` (ULRL re-initialises its rows);
 - ``conv_layers()``: every ``nn.Conv2d`` in execution order with the norm layer that consumes its
-  output directly (NONE resets filters and their norm parameters; pruning masks channels);
+  output (directly or through pooling; NONE resets filters and their norm parameters; pruning
+  masks channels);
 - ``activation_sites()``: every activation module in execution order (MMAC clips there).
 
 The last two are found by tracing one forward pass with hooks (``benchmark/models/trace.py``, the
