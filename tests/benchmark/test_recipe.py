@@ -264,3 +264,41 @@ def test_bad_recipe_values_name_their_key(change: dict, key: str) -> None:
     with pytest.raises(ConfigError) as err:
         check_recipe(OmegaConf.merge(RECIPE, change))
     assert err.value.key == key
+
+
+def test_resume_with_every_key_equals_uninterrupted(tmp_path: Path) -> None:
+    """Lookahead's slow weights and step counter, the per-step schedule, the frozen parameters
+    and the flip starts all come back from the checkpoint or the seed."""
+    recipe = OmegaConf.merge(
+        RECIPE,
+        {"scheduler": None},
+        {
+            "scheduler": {"_target_": "benchmark.recipe.warmup_linear", "_partial_": True},
+            "scheduler_interval": "step",
+            "lookahead": {"k": 2, "decay": 0.9, "power": 3},
+            "freeze_after": {"block1": 1},
+            "label_smoothing": 0.1,
+            "norm_lr_scale": 4.0,
+            "flip": "alternating",
+            "drop_last": True,
+        },
+    )
+    data, ckpt = toy_set(44, 4, seed=2), tmp_path / "ckpt.pt"
+    kw = {"seed": 3, "augment": Augment(1, True), "batch_size": 8, "progress": False}
+    full = _model()
+    fit(full, data, recipe, **kw)
+
+    class Interrupt(Exception):
+        pass
+
+    def interrupt(epoch: int, stats: dict) -> bool:
+        if epoch == 1:
+            raise Interrupt
+        return False
+
+    with pytest.raises(Interrupt):
+        fit(_model(), data, recipe, checkpoint=ckpt, on_epoch_end=interrupt, **kw)
+    resumed = _model(seed=123)
+    result = fit(resumed, data, recipe, checkpoint=ckpt, **kw)
+    assert result.start_epoch == 1
+    assert _same_weights(full, resumed)
