@@ -18,7 +18,10 @@ scheduler_interval  epoch      ``step``: the scheduler steps after every optimis
 lookahead           null       ``{k, decay, power}``: timm's ``Lookahead`` (every ``k`` steps
                                slow += alpha (fast - slow), fast = slow) with airbench's schedule
                                alpha_t = 1 - decay^k (t / T)^power for step t of T; at the end of
-                               the training fast = slow
+                               the training fast = slow. Unlike airbench's ``LookaheadState``
+                               it averages parameters only, not BN running statistics, and
+                               its slow copy starts at the first sync, not at step 0 (where
+                               alpha is ~1 anyway)
 freeze_after        null       ``{name: epochs}``: the parameters named ``name`` or under module
                                ``name`` train only in the first ``epochs`` epochs
 drop_last           false      drop a trailing partial batch (a one-sample batch always is)
