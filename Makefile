@@ -40,9 +40,10 @@ format: install ## Format and autofix with ruff
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-bench: install ## Benchmarks -> results/bench/{train_throughput,sweep}.json (fit() speed; smoke_all wall time, cache hits)
+bench: install ## Benchmarks -> results/bench/{train_throughput,sweep,fast_track}.json (fit() speed; smoke_all wall time, cache hits; fastnet + train=fast)
 	$(PY) scripts/bench_train.py $(ARGS)
 	$(PY) scripts/bench_sweep.py
+	$(PY) scripts/bench_fast.py
 
 tables: install ## Collect outputs/**/metrics.json -> results/tables/
 	$(PY) scripts/make_tables.py outputs $(ARGS)

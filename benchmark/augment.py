@@ -1,4 +1,11 @@
-"""Per-batch augmentation: one random decision and one parameter set for the whole batch.
+"""Batched augmentations on the training device: the dataset's per-sample crop and flip
+(``Augment``), and WaNet's per-batch one (``PerBatchAugment``).
+
+``Augment`` draws one crop offset and one flip decision per sample from the fit's seeded
+generator (torchvision's ``RandomCrop(padding=p)`` + ``RandomHorizontalFlip`` per image, here one
+gather for the batch); ``pad_mode="reflect"`` pads by reflection, as airbench's translate does.
+
+``PerBatchAugment``: one random decision and one parameter set for the whole batch.
 
 This is what torchvision's transforms do to a 4-D tensor, and so what WaNet's official
 ``PostTensorTransform`` does (BackdoorBench ``attack/wanet.py:89-115`` at
@@ -22,10 +29,43 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Augment:
+    """Batched augmentation settings: random crop with padding and horizontal flip."""
+
+    crop_padding: int = 0
+    hflip: bool = False
+    pad_mode: Literal["zeros", "reflect"] = "zeros"
+
+    def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        if self.crop_padding > 0:
+            x = random_crop(x, self.crop_padding, gen, self.pad_mode)
+        if self.hflip:
+            flip = torch.rand(x.shape[0], generator=gen, device=gen.device) < 0.5
+            x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
+        return x
+
+
+def random_crop(x: Tensor, pad: int, gen: torch.Generator, pad_mode: str = "zeros") -> Tensor:
+    """Per-sample random crop of a padded batch (torchvision ``RandomCrop(padding=pad)``;
+    ``pad_mode`` zeros or reflect). One gather over the padded batch instead of a Python loop
+    over samples."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad), mode="reflect" if pad_mode == "reflect" else "constant")
+    wp = w + 2 * pad
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=gen.device).to(x.device)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=gen.device).to(x.device)
+    rows = dy[:, None] + torch.arange(h, device=x.device)
+    cols = dx[:, None] + torch.arange(w, device=x.device)
+    flat_index = (rows[:, :, None] * wp + cols[:, None, :]).reshape(n, 1, h * w)
+    return padded.flatten(2).gather(2, flat_index.expand(n, c, h * w)).view(n, c, h, w)
 
 
 @dataclass(frozen=True)

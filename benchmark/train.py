@@ -9,11 +9,16 @@ layout (faster on CUDA and on CPU) and bf16 autocast where bf16 is native (CUDA,
 AVX512-BF16/AMX; measured 1.5x for small_cnn on two such EPYC cores, same accuracy). Every
 random draw comes from generators derived from ``(seed, epoch)``, so a run resumed from its
 per-epoch checkpoint continues exactly as an uninterrupted one would.
+
+The recipe's optional parts (label smoothing, per-group lr, per-step schedules, lookahead,
+parameters frozen after some epochs, airbench's alternating flip and reflect-padded translate,
+``torch.compile``) are built in ``benchmark/recipe.py``; absent keys leave the loop as it was.
+A model with a data-dependent initialisation (``needs_data_init()`` / ``init_from_data``, e.g.
+fastnet's patch whitening) gets it here, once, before the first epoch of a fresh training.
 """
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
@@ -23,16 +28,18 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf
 from torch import Tensor, nn
 
 from benchmark import progress as progress_bars
+from benchmark import recipe as parts
 from benchmark import tracking
+from benchmark.augment import Augment, random_crop  # noqa: F401 - re-exported (moved)
 from benchmark.data import to_float
 from benchmark.errors import TrainingDiverged
 from benchmark.io import DamagedFile, load_checked, save_checked, short_reason
+from benchmark.predict import predict, predict_logits  # noqa: F401 - re-exported (moved)
+from benchmark.recipe import autocast, place, resolve_device, use_amp, use_channels_last
 from benchmark.seeding import generator, seed_everything
 from benchmark.types import ImageSet
 
@@ -47,38 +54,6 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 CHECK_EVERY = 20
 
 
-@dataclass(frozen=True)
-class Augment:
-    """Batched augmentation settings: zero-padded random crop and horizontal flip."""
-
-    crop_padding: int = 0
-    hflip: bool = False
-
-    def __call__(self, x: Tensor, gen: torch.Generator) -> Tensor:
-        if self.crop_padding > 0:
-            x = random_crop(x, self.crop_padding, gen)
-        if self.hflip:
-            flip = torch.rand(x.shape[0], generator=gen, device=gen.device) < 0.5
-            x = torch.where(flip.to(x.device)[:, None, None, None], x.flip(3), x)
-        return x
-
-
-def random_crop(x: Tensor, pad: int, gen: torch.Generator) -> Tensor:
-    """Per-sample random crop of a zero-padded batch (torchvision ``RandomCrop(padding=pad)``).
-
-    One gather over the padded batch instead of a Python loop over samples.
-    """
-    n, c, h, w = x.shape
-    padded = F.pad(x, (pad, pad, pad, pad))
-    wp = w + 2 * pad
-    dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=gen.device).to(x.device)
-    dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen, device=gen.device).to(x.device)
-    rows = dy[:, None] + torch.arange(h, device=x.device)
-    cols = dx[:, None] + torch.arange(w, device=x.device)
-    flat_index = (rows[:, :, None] * wp + cols[:, None, :]).reshape(n, 1, h * w)
-    return padded.flatten(2).gather(2, flat_index.expand(n, c, h * w)).view(n, c, h, w)
-
-
 @dataclass
 class FitResult:
     """What ``fit`` reports: per-epoch training loss and accuracy, and where it started."""
@@ -88,60 +63,6 @@ class FitResult:
     history: list[dict[str, float]] = field(default_factory=list)
     seconds: float = 0.0
     stopped_early: bool = False
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` -> cuda when available, else cpu."""
-    if str(device) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def place(data: ImageSet, device: torch.device, budget_fraction: float = 0.3) -> ImageSet:
-    """Move the images to ``device`` when they take less than ``budget_fraction`` of its free
-    memory; otherwise keep them on the CPU and copy each batch."""
-    if device.type != "cuda":
-        return data.to(device)
-    if data.device == device:
-        return data
-    free, _ = torch.cuda.mem_get_info(device)
-    if data.x.numel() < budget_fraction * free:
-        return data.to(device)
-    return data.to("cpu")
-
-
-def bf16_native(device: torch.device) -> bool:
-    """Whether ``device`` computes in bf16 natively: CUDA GPUs that support it, and CPUs whose
-    oneDNN has bf16 kernels (AVX512-BF16 or AMX). Elsewhere bf16 would be emulated and slow."""
-    if device.type == "cuda":
-        return torch.cuda.is_bf16_supported()
-    if device.type == "cpu":
-        try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-        except (AttributeError, RuntimeError):
-            return False
-    return False
-
-
-def use_amp(recipe: Mapping[str, Any], device: torch.device) -> bool:
-    """The recipe's ``amp``: ``auto`` = bf16 autocast wherever bf16 is native."""
-    amp = recipe.get("amp", "auto")
-    return bf16_native(device) if amp == "auto" else bool(amp)
-
-
-def use_channels_last(recipe: Mapping[str, Any], device: torch.device) -> bool:
-    """The recipe's ``channels_last``: ``auto`` = on CUDA and CPU, where NHWC convolutions are
-    faster (cuDNN; oneDNN measured 1.4-1.7x on two EPYC cores for small_cnn and
-    PreAct-ResNet18)."""
-    value = recipe.get("channels_last", "auto")
-    return device.type in ("cuda", "cpu") if value == "auto" else bool(value)
-
-
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager:
-    """bf16 autocast (no loss scaling needed with bf16), or a no-op."""
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=torch.bfloat16)
 
 
 def fit(
@@ -170,7 +91,8 @@ def fit(
         recipe: ``epochs``, ``batch_size``, ``lr``, ``optimizer`` and ``scheduler`` (Hydra
             ``_partial_`` configs; the scheduler steps once per epoch), optional ``amp``
             (auto = where bf16 is native|true|false), ``channels_last`` (auto = on CUDA and
-            CPU), ``grad_clip`` (max norm or null), ``augment`` (bool). ``overrides``
+            CPU), ``grad_clip`` (max norm or null), ``augment`` (bool), and the optional keys
+            of ``benchmark/recipe.py`` (label smoothing, lookahead, ...). ``overrides``
             replace recipe keys (e.g. ``epochs=5``).
         device: training device.
         seed: the seed stream of this training; batch order, augmentation and dropout are
@@ -179,7 +101,8 @@ def fit(
             when the recipe has ``augment: false``).
         batch_hook: ``(x, y, gen) -> (x, y)`` on float pixels before augmentation (WaNet's
             on-the-fly poisoning).
-        loss_fn: ``(logits, y) -> loss``; cross-entropy by default (negate it for unlearning).
+        loss_fn: ``(logits, y) -> loss``; by default cross-entropy with the recipe's
+            ``label_smoothing`` (negate it for unlearning).
         params: the parameters to optimise (default: all that require grad).
         train_mode: called at each epoch start instead of ``model.train()`` (e.g. to keep norm
             layers frozen).
@@ -199,16 +122,20 @@ def fit(
     amp = use_amp(recipe, device)
     channels_last = use_channels_last(recipe, device)
     grad_clip = recipe.get("grad_clip")
-    if not recipe.get("augment", True):
-        augment = None
+    augment, alternating = parts.adapt_augment(augment, recipe)
 
     model.to(device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     params = [p for p in (params if params is not None else model.parameters()) if p.requires_grad]
-    optimizer = instantiate(recipe.optimizer)(params)
-    scheduler = instantiate(recipe.scheduler)(optimizer) if recipe.get("scheduler") else None
-    loss_fn = loss_fn or nn.CrossEntropyLoss()
+    n = len(data)
+    steps = parts.steps_per_epoch(n, batch_size, bool(recipe.get("drop_last", False)))
+    optimizer, base_optimizer = parts.build_optimizer(recipe, params, model)
+    scheduler, per_step = parts.build_scheduler(recipe, base_optimizer, steps * epochs)
+    lookahead = recipe.get("lookahead")
+    loss_fn = loss_fn or parts.train_loss(recipe)
+    frozen = parts.FreezeAfter(model, recipe.get("freeze_after"))
+    forward = torch.compile(model) if parts.use_compile(recipe, device) else model
 
     show = progress and progress_bars.enabled()
     result = FitResult(epochs=epochs)
@@ -216,16 +143,16 @@ def fit(
     curve = tracking.curve(desc)  # per-epoch curves in the active tracker, if any
     curve.log_all(result.history)  # the epochs a resumed training already did
     data = place(data, device)
-    n = len(data)
-    # A trailing batch of one sample is dropped (a different sample each epoch, as the order is
-    # reshuffled): BatchNorm cannot train on one value per channel (1x1 maps of deep nets).
-    steps = n // batch_size if n > 1 and n % batch_size == 1 else math.ceil(n / batch_size)
+    if start == 0:  # a fresh training (a resumed one restored the initialised model)
+        parts.init_from_data(model, data.x, seed)
+    flip_start = parts.flip_starts(n, seed, data.device) if alternating else None
     t0 = time.perf_counter()
     for epoch in range(start, epochs):
         seed_everything(seed, "epoch", epoch)  # dropout and other module-internal randomness
         g_order = generator(seed, "order", epoch)
         g_aug = generator(seed, "augment", epoch, device=device)
         (train_mode or nn.Module.train)(model)
+        frozen.epoch(epoch)
         order = torch.randperm(n, generator=g_order).to(data.device)
         loss_sum = torch.zeros((), device=device)
         correct = torch.zeros((), device=device, dtype=torch.long)
@@ -239,18 +166,26 @@ def fit(
             y = data.y[idx].to(device, non_blocking=True)
             if batch_hook is not None:
                 x, y = batch_hook(x, y, g_aug)
+            if flip_start is not None:
+                x = parts.alternating_flip(x, flip_start[idx], epoch)
             if augment is not None:
                 x = augment(x, g_aug)
             if channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
             with autocast(device, amp):
-                logits = model(x)
+                logits = forward(x)
                 loss = loss_fn(logits.float(), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if grad_clip:
                 nn.utils.clip_grad_norm_(params, float(grad_clip))
+            if lookahead:  # the slow step size at the sync after this step
+                parts.set_lookahead_alpha(
+                    optimizer, lookahead, epoch * steps + step + 1, epochs * steps
+                )
             optimizer.step()
+            if per_step:
+                scheduler.step()
             loss_sum += loss.detach() * y.shape[0]
             correct += (logits.detach().argmax(1) == y).sum()
             seen += y.shape[0]
@@ -271,8 +206,10 @@ def fit(
             "acc": correct.item() / max(seen, 1),
             "lr": optimizer.param_groups[0]["lr"],
         }
-        if scheduler is not None:
+        if scheduler is not None and not per_step:
             scheduler.step()
+        if lookahead and epoch == epochs - 1:
+            parts.end_lookahead(optimizer)  # the trained model is the slow weights
         result.history.append(stats)
         curve.log(stats)
         log.info(
@@ -284,6 +221,8 @@ def fit(
             stats["acc"],
         )
         stop = bool(on_epoch_end(epoch, stats)) if on_epoch_end else False
+        if lookahead and stop and epoch < epochs - 1:
+            parts.end_lookahead(optimizer)
         if checkpoint is not None:
             save_checked(
                 {
@@ -299,6 +238,7 @@ def fit(
         if stop:
             result.stopped_early = True
             break
+    frozen.restore()
     if channels_last:
         model.to(memory_format=torch.contiguous_format)
     result.seconds = time.perf_counter() - t0
@@ -343,35 +283,3 @@ def _resume(
         return result.epochs
     log.info("resuming %s after epoch %d", checkpoint, result.start_epoch)
     return result.start_epoch
-
-
-@torch.no_grad()
-def predict_logits(
-    model: nn.Module, x: Tensor, *, device: str | torch.device = "cpu", batch_size: int = 512
-) -> Tensor:
-    """Logits ``(N, K)`` float32 on the CPU for uint8 or float images ``x`` (eval mode)."""
-    device = resolve_device(device)
-    was_training = model.training
-    model.eval()
-    # channels_last as in training (2x faster forward on CPU too); bf16 only on CUDA, so CPU
-    # evaluation stays in fp32.
-    model.to(device, memory_format=torch.channels_last)
-    amp = device.type == "cuda"
-    out = []
-    try:
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i : i + batch_size].to(device, non_blocking=True)
-            xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
-            with autocast(device, amp):
-                out.append(model(xb.contiguous(memory_format=torch.channels_last)).float().cpu())
-    finally:
-        model.to(memory_format=torch.contiguous_format)
-        model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, 0)
-
-
-def predict(
-    model: nn.Module, x: Tensor, *, device: str | torch.device = "cpu", batch_size: int = 512
-) -> Tensor:
-    """Predicted labels ``(N,)`` int64 on the CPU."""
-    return predict_logits(model, x, device=device, batch_size=batch_size).argmax(1)

@@ -88,10 +88,76 @@ def check_recipe(train: DictConfig) -> None:
     augment = train.get("augment", True)
     if not isinstance(augment, bool):
         raise ConfigError("train.augment", f"must be true or false, got {augment!r}")
-    for key in ("amp", "channels_last"):
+    for key in ("amp", "channels_last", "compile"):
         value = train.get(key, "auto")
         if value != "auto" and not isinstance(value, bool):
             raise ConfigError(f"train.{key}", f"must be auto, true or false, got {value!r}")
+    check_recipe_parts(train)
+
+
+# The optional keys of benchmark/recipe.py: key -> allowed strings.
+CHOICES = {
+    "scheduler_interval": ("epoch", "step"),
+    "flip": ("random", "alternating"),
+    "pad_mode": ("zeros", "reflect"),
+}
+LOOKAHEAD_KEYS = ("k", "decay", "power")
+
+
+def check_recipe_parts(train: DictConfig) -> None:
+    """The optional recipe keys (``benchmark/recipe.py``); absent = their defaults."""
+    smoothing = train.get("label_smoothing", 0.0)
+    if not _number(smoothing) or not 0.0 <= smoothing < 1.0:
+        raise ConfigError("train.label_smoothing", f"must be in [0, 1), got {smoothing!r}")
+    scale = train.get("norm_lr_scale", 1.0)
+    if not _number(scale) or scale <= 0:
+        raise ConfigError("train.norm_lr_scale", f"must be a number > 0, got {scale!r}")
+    for key, allowed in CHOICES.items():
+        value = train.get(key, allowed[0])
+        if value not in allowed:
+            raise ConfigError(f"train.{key}", f"must be {' or '.join(allowed)}, got {value!r}")
+    drop_last = train.get("drop_last", False)
+    if not isinstance(drop_last, bool):
+        raise ConfigError("train.drop_last", f"must be true or false, got {drop_last!r}")
+    padding = train.get("crop_padding")
+    if padding is not None and (isinstance(padding, bool) or not isinstance(padding, int)):
+        raise ConfigError("train.crop_padding", f"must be null or an integer, got {padding!r}")
+    if padding is not None and padding < 0:
+        raise ConfigError(
+            "train.crop_padding", f"must be >= 0 (null = the dataset's), got {padding}"
+        )
+    if train.get("scheduler_interval", "epoch") == "step" and not train.get("scheduler"):
+        raise ConfigError("train.scheduler_interval", "= step needs a train.scheduler")
+    _check_lookahead(train.get("lookahead"))
+    _check_freeze_after(train.get("freeze_after"))
+
+
+def _check_lookahead(spec: Any) -> None:
+    if spec is None:
+        return
+    if not isinstance(spec, DictConfig) or set(spec) != set(LOOKAHEAD_KEYS):
+        raise ConfigError("train.lookahead", f"must be null or {{k, decay, power}}, got {spec!r}")
+    k, decay, power = (spec[key] for key in LOOKAHEAD_KEYS)
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError("train.lookahead.k", f"must be an integer >= 1, got {k!r}")
+    if not _number(decay) or not 0.0 <= decay <= 1.0:
+        raise ConfigError("train.lookahead.decay", f"must be in [0, 1], got {decay!r}")
+    if not _number(power) or power < 0:
+        raise ConfigError("train.lookahead.power", f"must be a number >= 0, got {power!r}")
+
+
+def _check_freeze_after(spec: Any) -> None:
+    if spec is None:
+        return
+    if not isinstance(spec, DictConfig):
+        raise ConfigError(
+            "train.freeze_after", f"must be null or {{parameter name: epochs}}, got {spec!r}"
+        )
+    for name, epochs in spec.items():
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
+            raise ConfigError(
+                f"train.freeze_after.{name}", f"must be a number of epochs >= 0, got {epochs!r}"
+            )
 
 
 def cell_entries(cell: str) -> dict[str, str]:

@@ -85,12 +85,16 @@ def test_defense_options(name: str, tmp_path: Path) -> None:
 def test_train_options_build_optimizer_and_scheduler(name: str, tmp_path: Path) -> None:
     import torch
 
+    from benchmark.recipe import build_optimizer, build_scheduler
+    from benchmark.validate import check_recipe
+
     cfg = compose_cfg([f"train={name}"], tmp_path)
-    params = [torch.nn.Parameter(torch.zeros(2))]
-    opt = instantiate(cfg.train.optimizer)(params)
+    check_recipe(cfg.train)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 2, 1), torch.nn.BatchNorm2d(2))
+    opt, base = build_optimizer(cfg.train, list(model.parameters()), model)
     assert opt.param_groups[0]["lr"] == cfg.train.lr
-    if cfg.train.scheduler:
-        instantiate(cfg.train.scheduler)(opt)
+    # a per-step scheduler (scheduler_interval: step) also gets total_steps
+    build_scheduler(cfg.train, base, total_steps=100)
 
 
 @pytest.mark.parametrize("name", options("logger"))

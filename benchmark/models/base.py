@@ -7,13 +7,21 @@ triggers and defenses never deal with normalisation. It offers what defenses nee
   logits from them (the feature/head split, timm's naming);
 - ``last_linear()``: the final ``nn.Linear`` (ULRL re-initialises its rows);
 - ``conv_layers()``: every ``nn.Conv2d`` in execution order with the norm layer that consumes its
-  output directly (NONE resets filters and their norm parameters; pruning masks channels);
+  output (directly or through pooling; NONE resets filters and their norm parameters; pruning
+  masks channels);
 - ``activation_sites()``: every activation module in execution order (MMAC clips there).
 
 The last two are found by tracing one forward pass with hooks (``benchmark/models/trace.py``, the
 one tracer of the harness), so they work for any architecture, timm's included, without
 per-architecture code in the defenses. Activations must
 be modules (``nn.ReLU``), never functional calls, or they are invisible here.
+
+A model may also have a data-dependent initialisation: ``needs_data_init()`` (default False)
+and ``init_from_data(x, gen)``, which ``fit`` calls once, before the first epoch of a fresh
+training (not a resumed one), with the training images (uint8 ``(N, C, H, W)``, where ``fit``
+placed them) and a CPU generator seeded from the fit's seed. The model keeps the "done" flag
+in its own state (fastnet: the ``data_initialised`` buffer), so a trained model, a copy a
+defense fine-tunes, or one loaded from the cache is never re-initialised.
 """
 
 from __future__ import annotations
@@ -99,6 +107,16 @@ class ImageClassifier(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))
+
+    # -- data-dependent initialisation (fit calls it; see the module docstring) ---------------
+    def needs_data_init(self) -> bool:
+        """Whether ``init_from_data`` should run before training (never, unless overridden)."""
+        return False
+
+    def init_from_data(self, x: Tensor, gen: torch.Generator) -> None:
+        """Initialise from training images ``x`` (uint8 or float pixels, ``(N, C, H, W)``),
+        drawing any subset from ``gen``; afterwards ``needs_data_init()`` is False."""
+        raise NotImplementedError(f"{type(self).__name__} has no data-dependent initialisation")
 
     # -- what defenses need -------------------------------------------------------------------
     def last_linear(self) -> nn.Linear:

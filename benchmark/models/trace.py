@@ -4,7 +4,8 @@ One probe pass (``trace``: eval mode, no grad, ``model.example_input(2)``) recor
 the hooked modules (leaves and norm layers by default) with its inputs and output. From it:
 
 - ``conv_layers``: every ``nn.Conv2d`` in execution order with the norm layer that consumes its
-  output directly (``ConvSite``);
+  output directly, or through pooling layers only (airbench's conv -> max-pool -> BatchNorm in
+  fastnet) (``ConvSite``);
 - ``activation_sites``: every activation module in the order of its first call
   (``ActivationSite``, ``calls`` > 1 for a shared module);
 - ``consumers``: the layers reading a conv's channels (``InputSlice``: the next conv's input
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 import timm.layers.activations as timm_act
 import torch
 from torch import Tensor, nn
+
+from benchmark.models.layers import Scale
 
 NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.BatchNorm2d,
@@ -60,14 +63,20 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     timm_act.PReLU,
     timm_act.Tanh,
 )
-# Modules a traced channel passes through with its index unchanged (elementwise or per channel).
-PASS_THROUGH: tuple[type[nn.Module], ...] = (
-    *NORM_TYPES,
-    *ACTIVATION_TYPES,
+# Spatial pooling: per channel. A norm after it still normalises the conv's channels (in eval
+# mode a BatchNorm with positive scale commutes with a max-pool).
+POOL_TYPES: tuple[type[nn.Module], ...] = (
     nn.MaxPool2d,
     nn.AvgPool2d,
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
+)
+# Modules a traced channel passes through with its index unchanged (elementwise or per channel).
+PASS_THROUGH: tuple[type[nn.Module], ...] = (
+    *NORM_TYPES,
+    *ACTIVATION_TYPES,
+    *POOL_TYPES,
+    Scale,
     nn.Dropout,
     nn.Dropout2d,
     nn.Identity,
@@ -175,27 +184,35 @@ class ActivationSite:
 
 
 def conv_layers(model: nn.Module, calls: list[Call] | None = None) -> list[ConvSite]:
-    """Every ``nn.Conv2d`` in execution order, each with the norm layer fed by its output."""
+    """Every ``nn.Conv2d`` in execution order, each with the norm layer fed by its output
+    (directly, or through pooling layers only)."""
     calls = completion_order(trace(model) if calls is None else calls)
     sites, seen = [], set()
     for i, call in enumerate(calls):
         if not isinstance(call.module, nn.Conv2d) or call.module in seen:
             continue
         seen.add(call.module)
-        norm = next(
-            (
-                c
-                for c in calls[i + 1 :]
-                if isinstance(c.module, NORM_TYPES) and c.inputs and c.inputs[0] is call.output
-            ),
-            None,
-        )
+        norm = _norm_of(calls, i)
         sites.append(
             ConvSite(
                 call.name, call.module, norm.name if norm else None, norm.module if norm else None
             )
         )
     return sites
+
+
+def _norm_of(calls: list[Call], i: int) -> Call | None:
+    """The first norm call (completion order) whose input is ``calls[i]``'s output, or the
+    output of a chain of pooling calls starting there."""
+    outputs = [calls[i].output]
+    for c in calls[i + 1 :]:
+        if not c.inputs or not any(c.inputs[0] is o for o in outputs if o is not None):
+            continue
+        if isinstance(c.module, NORM_TYPES):
+            return c
+        if isinstance(c.module, POOL_TYPES):
+            outputs.append(c.output)
+    return None
 
 
 def activation_sites(model: nn.Module, calls: list[Call] | None = None) -> list[ActivationSite]:

@@ -55,6 +55,11 @@ def _vgg_norm(conv: str) -> str | None:
     return f"features.{i + 1}"
 
 
+def _fastnet_norm(conv: str) -> str | None:
+    # blockN.convK -> blockN.normK (conv1 through the max-pool); the whitening conv has none.
+    return None if conv == "whiten" else re.sub(r"conv(\d)$", r"norm\1", conv)
+
+
 EXPECTED: dict[str, Expect] = {
     "small_cnn": Expect(94_762, 3, 3, 3, _small_cnn_norm),
     # 20 convs = stem + 16 block convs + 3 shortcut convs; NONE monitors layer2-4 (15 convs).
@@ -62,6 +67,8 @@ EXPECTED: dict[str, Expect] = {
     "resnet18": Expect(11_173_962, 20, 17, 15, _resnet_norm),
     "vgg16_bn": Expect(14_728_266, 13, 13, 13, _vgg_norm),
     "nin": Expect(966_986, 8, 8, 8, lambda conv: None),
+    # whitening conv + 3 groups of 2 convs; NONE monitors the 6 group convs.
+    "fastnet": Expect(1_972_792, 7, 7, 6, _fastnet_norm),
     # timm's resnet18 keeps the ImageNet stem (7x7 conv), hence +7,680 over ours.
     "timm": Expect(
         11_181_642,
@@ -133,6 +140,9 @@ def test_last_linear_produces_the_logits(model_name: str) -> None:
     with torch.no_grad():
         assert model(x).abs().sum() > 0
         head.weight.zero_()
+        if head.bias is None:  # fastnet's head has no bias, as airbench's
+            torch.testing.assert_close(model(x), torch.zeros(2, 10))
+            return
         head.bias.fill_(0.5)
         torch.testing.assert_close(model(x), torch.full((2, 10), 0.5))
 
@@ -192,8 +202,10 @@ def test_gradients_reach_the_first_conv(model_name: str) -> None:
     first = model.conv_layers()[0].conv
     loss = nn.functional.cross_entropy(model(torch.rand(2, 3, *SIZE)), torch.arange(2))
     loss.backward()
-    assert first.weight.grad is not None
-    assert first.weight.grad.abs().sum() > 0
+    # fastnet's whitening weights are frozen (set from data); its bias still learns.
+    trainable = [p for p in first.parameters() if p.requires_grad]
+    assert trainable
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in trainable)
     assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
 
 
