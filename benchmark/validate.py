@@ -18,20 +18,20 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from torch import nn
 
+from benchmark.checks import Checks, in_range, is_int
 from benchmark.errors import BenchmarkError, ConfigError
 
 BOOLEAN_KEYS = ("progress", "deterministic", "resume", "fail_fast")
 DEVICE = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 CONF = Path(__file__).resolve().parents[1] / "conf"
+top, recipe = Checks(""), Checks("train")
 
 
 def check_run(cfg: DictConfig, choices: dict[str, Any] | None = None) -> None:
     """The top-level keys, the recipe, and the group choices' consistency with ``cell=``."""
     check_seed(cfg.get("seed"))
     for key in BOOLEAN_KEYS:
-        value = cfg.get(key, False)
-        if not isinstance(value, bool):
-            raise ConfigError(key, f"must be true or false, got {value!r}")
+        top.boolean(cfg.get(key, False), key)
     check_device(cfg.get("device", "auto"))
     check_recipe(cfg.train)
     check_cell(choices or {})
@@ -39,8 +39,7 @@ def check_run(cfg: DictConfig, choices: dict[str, Any] | None = None) -> None:
 
 def check_seed(seed: Any) -> None:
     # 1.5 would be truncated to 1 under another cache key: the same model trained twice.
-    if isinstance(seed, bool) or not isinstance(seed, int):
-        raise ConfigError("seed", f"must be an integer, got {seed!r}; e.g. seed=0 or seed=0,1,2")
+    top.require(is_int(seed), "seed", "an integer (e.g. seed=0 or seed=0,1,2)", seed)
 
 
 def check_device(device: Any) -> None:
@@ -66,32 +65,20 @@ def check_device(device: Any) -> None:
         raise ConfigError("device", "= mps but MPS is not available; use device=cpu or auto")
 
 
-def _number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
 def check_recipe(train: DictConfig) -> None:
     """The training recipe's scalars (``train.*``)."""
-    for key, low in (("epochs", 1), ("batch_size", 1)):
-        value = train.get(key)
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ConfigError(f"train.{key}", f"must be an integer >= {low}, got {value!r}")
-    lr = train.get("lr")
-    if not _number(lr) or lr <= 0:
-        raise ConfigError("train.lr", f"must be a number > 0, got {lr!r}")
-    clip = train.get("grad_clip")
+    recipe.integer(train.get("epochs"), "epochs")
+    recipe.integer(train.get("batch_size"), "batch_size")
+    recipe.number(train.get("lr"), "lr", 0.0, low_open=True)
     # A negative max norm flips every gradient (clip_grad_norm_ scales by max_norm / norm).
-    if clip is not None and (not _number(clip) or clip <= 0):
-        raise ConfigError(
-            "train.grad_clip", f"must be a max gradient norm > 0, or null for none; got {clip!r}"
-        )
-    augment = train.get("augment", True)
-    if not isinstance(augment, bool):
-        raise ConfigError("train.augment", f"must be true or false, got {augment!r}")
+    clip = train.get("grad_clip")
+    ok = clip is None or in_range(clip, 0.0, low_open=True)
+    recipe.require(ok, "grad_clip", "a max gradient norm > 0, or null for none", clip)
+    recipe.boolean(train.get("augment", True), "augment")
     for key in ("amp", "channels_last", "compile"):
         value = train.get(key, "auto")
-        if value != "auto" and not isinstance(value, bool):
-            raise ConfigError(f"train.{key}", f"must be auto, true or false, got {value!r}")
+        ok = value == "auto" or isinstance(value, bool)
+        recipe.require(ok, key, "auto, true or false", value)
     check_recipe_parts(train)
 
 
@@ -106,26 +93,14 @@ LOOKAHEAD_KEYS = ("k", "decay", "power")
 
 def check_recipe_parts(train: DictConfig) -> None:
     """The optional recipe keys (``benchmark/recipe.py``); absent = their defaults."""
-    smoothing = train.get("label_smoothing", 0.0)
-    if not _number(smoothing) or not 0.0 <= smoothing < 1.0:
-        raise ConfigError("train.label_smoothing", f"must be in [0, 1), got {smoothing!r}")
-    scale = train.get("norm_lr_scale", 1.0)
-    if not _number(scale) or scale <= 0:
-        raise ConfigError("train.norm_lr_scale", f"must be a number > 0, got {scale!r}")
+    recipe.number(train.get("label_smoothing", 0.0), "label_smoothing", 0.0, 1.0, high_open=True)
+    recipe.number(train.get("norm_lr_scale", 1.0), "norm_lr_scale", 0.0, low_open=True)
     for key, allowed in CHOICES.items():
-        value = train.get(key, allowed[0])
-        if value not in allowed:
-            raise ConfigError(f"train.{key}", f"must be {' or '.join(allowed)}, got {value!r}")
-    drop_last = train.get("drop_last", False)
-    if not isinstance(drop_last, bool):
-        raise ConfigError("train.drop_last", f"must be true or false, got {drop_last!r}")
+        recipe.one_of(train.get(key, allowed[0]), key, allowed)
+    recipe.boolean(train.get("drop_last", False), "drop_last")
     padding = train.get("crop_padding")
-    if padding is not None and (isinstance(padding, bool) or not isinstance(padding, int)):
-        raise ConfigError("train.crop_padding", f"must be null or an integer, got {padding!r}")
-    if padding is not None and padding < 0:
-        raise ConfigError(
-            "train.crop_padding", f"must be >= 0 (null = the dataset's), got {padding}"
-        )
+    ok = padding is None or (is_int(padding) and padding >= 0)
+    recipe.require(ok, "crop_padding", "null (the dataset's) or an integer >= 0", padding)
     if train.get("scheduler_interval", "epoch") == "step" and not train.get("scheduler"):
         raise ConfigError("train.scheduler_interval", "= step needs a train.scheduler")
     _check_lookahead(train.get("lookahead"))
@@ -135,29 +110,20 @@ def check_recipe_parts(train: DictConfig) -> None:
 def _check_lookahead(spec: Any) -> None:
     if spec is None:
         return
-    if not isinstance(spec, DictConfig) or set(spec) != set(LOOKAHEAD_KEYS):
-        raise ConfigError("train.lookahead", f"must be null or {{k, decay, power}}, got {spec!r}")
-    k, decay, power = (spec[key] for key in LOOKAHEAD_KEYS)
-    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-        raise ConfigError("train.lookahead.k", f"must be an integer >= 1, got {k!r}")
-    if not _number(decay) or not 0.0 <= decay <= 1.0:
-        raise ConfigError("train.lookahead.decay", f"must be in [0, 1], got {decay!r}")
-    if not _number(power) or power < 0:
-        raise ConfigError("train.lookahead.power", f"must be a number >= 0, got {power!r}")
+    ok = isinstance(spec, DictConfig) and set(spec) == set(LOOKAHEAD_KEYS)
+    recipe.require(ok, "lookahead", "null or {k, decay, power}", spec)
+    recipe.integer(spec.k, "lookahead.k")
+    recipe.number(spec.decay, "lookahead.decay", 0.0, 1.0)
+    recipe.number(spec.power, "lookahead.power", 0.0)
 
 
 def _check_freeze_after(spec: Any) -> None:
     if spec is None:
         return
-    if not isinstance(spec, DictConfig):
-        raise ConfigError(
-            "train.freeze_after", f"must be null or {{parameter name: epochs}}, got {spec!r}"
-        )
+    ok = isinstance(spec, DictConfig)
+    recipe.require(ok, "freeze_after", "null or {parameter name: epochs}", spec)
     for name, epochs in spec.items():
-        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 0:
-            raise ConfigError(
-                f"train.freeze_after.{name}", f"must be a number of epochs >= 0, got {epochs!r}"
-            )
+        recipe.integer(epochs, f"freeze_after.{name}", 0)
 
 
 def cell_entries(cell: str) -> dict[str, str]:

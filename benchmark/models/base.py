@@ -31,7 +31,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from benchmark.errors import ConfigError
+from benchmark.checks import Checks
 from benchmark.models import trace
 from benchmark.models.trace import (  # re-exported
     ACTIVATION_TYPES,
@@ -50,10 +50,10 @@ __all__ = [
 ]
 
 
-def check_width(width: object, key: str = "model.width") -> None:
-    """A channel-width setting: an integer >= 1 (0 builds empty layers that fail at step 1)."""
-    if isinstance(width, bool) or not isinstance(width, int) or width < 1:
-        raise ConfigError(key, f"must be an integer >= 1, got {width!r}")
+def check_width(width: object, key: str = "width") -> None:
+    """A channel-width setting ``model.<key>``: an integer >= 1 (0 builds empty layers that fail
+    at step 1)."""
+    Checks("model").integer(width, key)
 
 
 class ImageClassifier(nn.Module):

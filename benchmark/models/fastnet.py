@@ -112,7 +112,7 @@ class FastNet(ImageClassifier):
         if len(widths) != 3:
             raise ValueError(f"model.widths needs three channel counts, got {list(widths)}")
         for i, width in enumerate(widths):
-            check_width(width, f"model.widths[{i}]")
+            check_width(width, f"widths[{i}]")
         super().__init__(num_classes, in_chans, image_size, mean, std)
         self.whiten_samples = int(whiten_samples)
         whiten_width = 2 * in_chans * WHITEN_KERNEL**2
