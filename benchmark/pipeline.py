@@ -141,7 +141,6 @@ def run(
         "n_clean_reserve": len(data.reserve),
         "n_test": len(data.test),
     }
-    record["attack"] = {**comp.attack.describe(len(data.train)), "n_poison": data.train.num_poison}
     # Where the reserve and the training set come from (indices into the dataset's training
     # split) and which training samples are poisoned (indices into the training set).
     atomic_torch_save(
@@ -155,6 +154,8 @@ def run(
     with timer("train"):
         trained = backdoored_model(cfg, comp, data, run_dir)
     model = trained.model
+    # described once the model stage has restored a cached attack's trigger state
+    record["attack"] = {**comp.attack.describe(len(data.train)), "n_poison": data.train.num_poison}
     record["cache"] = trained.cache
     record["train_history"] = trained.history
     with timer("eval_backdoored"):

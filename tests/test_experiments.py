@@ -187,7 +187,10 @@ def test_backdoorbench_experiments_cross_its_attack_settings_with_every_defense(
     the whole training set (clean label included: BackdoorBench's pratio)."""
     params = sweep_params(name)
     assert sorted(params["attack_setting"]) == BACKDOORBENCH
-    assert {s.split("/")[1] for s in BACKDOORBENCH} == ATTACKS - {"natural"}
+    # BackdoorBench's attacks as it sets them up (a subset of ours: natural and any attack it
+    # has no setting for are not part of its tables).
+    bb_attacks = {s.split("/")[1] for s in BACKDOORBENCH}
+    assert {"badnets", "blend", "sig", "label_consistent", "wanet"} <= bb_attacks <= ATTACKS
     assert set(params["defense"]) == DEFENSES and params["seed"] == ["0"]
     rate = BB_EXPERIMENTS[name]
     for setting in BACKDOORBENCH:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
-from hydra.utils import instantiate
+from hydra.utils import get_class, instantiate
 from omegaconf import OmegaConf
 
 from benchmark import grid
@@ -77,10 +77,14 @@ def test_a_config_only_variant_passes_the_registry_rules(conf_copy: Path) -> Non
 
 
 def test_families_come_from_the_defense_classes_stage() -> None:
-    fams = grid.families(grid.options("defense"))
-    assert "undefended" not in {d for members in fams.values() for d in members}
-    assert fams["in_training"] == ["NONE", "ultraclean"]
-    assert set(fams["post_training"]) == {"linf_prune", "mmac", "mmbm", "ulrl"}
+    names = grid.options("defense")
+    fams = grid.families(names)
+    family_of = {d: fam for fam, members in fams.items() for d in members}
+    assert set(family_of) == set(names) - {"undefended"}  # every defense but the baseline
+    for d, fam in family_of.items():  # the family is the class's stage, read from its entry
+        assert fam == str(get_class(load_entry("defense", d)._target_).stage), d
+    assert {"NONE", "ultraclean"} <= set(fams["in_training"])
+    assert {"linf_prune", "mmac", "mmbm", "ulrl"} <= set(fams["post_training"])
 
 
 def test_exclusions_are_named_and_must_exist() -> None:
@@ -104,12 +108,15 @@ def test_covering_grows_with_attacks_plus_defenses(tmp_path: Path) -> None:
     """With many methods the covering set stays A + (D - 1) + (A - 1) x F, far below A x D."""
     conf = tmp_path / "conf"
     shutil.copytree(CONF, conf)
+    a0, d0 = len(options("attack", conf)), len(options("defense", conf))
     for i in range(9):
         (conf / "attack" / f"blend_v{i}.yaml").write_text("defaults:\n  - blend\n  - _self_\n")
         (conf / "defense" / f"NONE_v{i}.yaml").write_text("defaults:\n  - NONE\n  - _self_\n")
         (conf / "defense" / f"mmbm_v{i}.yaml").write_text("defaults:\n  - mmbm\n  - _self_\n")
     attacks, defenses = set(options("attack", conf)), set(options("defense", conf))
-    assert (len(attacks), len(defenses)) == (15, 25)
+    a, d = len(attacks), len(defenses)
+    assert (a, d) == (a0 + 9, d0 + 18)
+    f = len(grid.families(sorted(defenses), grid.package_loader(conf)))
     got = pairs("smoke_all", str(conf))
     covers(got, attacks, defenses, str(conf))
-    assert len(got) == 15 + 24 + 14 * 2 < 15 * 25
+    assert len(got) == a + (d - 1) + (a - 1) * f < a * d
