@@ -59,9 +59,13 @@ def register_resolvers() -> None:
     """``${bench_dirname:...}``, used by ``hydra.sweep.subdir``; ``${bench_options:...}`` and
     ``${bench_cells:...}``, the experiments' grids derived from the config groups
     (:mod:`benchmark.grid`), whose generated ``cell=<attack>__<defense>`` options are
-    registered here too (a launcher worker composes them without resolving the sweep)."""
+    registered here too (a launcher worker composes them without resolving the sweep);
+    ``${bench_batch_lr:lr,reference,batch}``, a recipe's lr scaled to its batch size."""
     from benchmark import grid
+    from benchmark.recipe import batch_scaled_lr
 
+    if not OmegaConf.has_resolver("bench_batch_lr"):
+        OmegaConf.register_new_resolver("bench_batch_lr", batch_scaled_lr)
     if not OmegaConf.has_resolver("bench_dirname"):
         OmegaConf.register_new_resolver("bench_dirname", cell_dirname)
     if not OmegaConf.has_resolver("bench_options"):

@@ -26,7 +26,7 @@ import pandas as pd
 
 log = logging.getLogger(__name__)
 
-CHOICES = ("dataset", "model", "attack", "defense", "train")
+CHOICES = ("dataset", "model", "attack", "defense", "train", "track")
 METRICS = ("clean_acc", "asr", "ra", "det_tpr", "det_fpr", "det_precision", "det_auroc", "der")
 # Settings that are not part of what a run measures: the seed (a replicate), where data and
 # keys are read from (the content identity replaces a key's path: ``attack.key_sha256``).

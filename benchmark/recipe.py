@@ -117,6 +117,16 @@ def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextM
 
 
 # -- loss, batches, augmentation ----------------------------------------------------------------
+def batch_scaled_lr(lr: float, reference_batch: int, batch_size: int) -> float:
+    """``lr`` given per ``reference_batch`` examples, for batches of ``batch_size``: the linear
+    scaling rule (Goyal et al. 2017), as airbench states its lr per 1024 examples. The resolver
+    ``${bench_batch_lr:lr,reference,${.batch_size}}`` of ``conf/train/fast.yaml``, so that
+    ``train.batch_size=b`` (``debug=smoke``: 64) keeps the recipe's lr per example."""
+    if int(reference_batch) <= 0 or int(batch_size) <= 0:
+        raise ValueError(f"batch sizes must be positive, got {reference_batch} and {batch_size}")
+    return float(lr) * int(batch_size) / int(reference_batch)
+
+
 def train_loss(recipe: Mapping[str, Any]) -> nn.Module:
     """Cross-entropy with the recipe's ``label_smoothing`` (0 = plain cross-entropy)."""
     return nn.CrossEntropyLoss(label_smoothing=float(recipe.get("label_smoothing", 0.0)))

@@ -45,7 +45,7 @@ register_resolvers()  # before Hydra resolves the job's folder, also in launcher
 
 GROUPS = (
     "dataset", "model", "attack", "defense", "train", "logger", "experiment", "debug",
-    "attack_setting", "cell",
+    "attack_setting", "cell", "track",
 )  # fmt: skip
 
 

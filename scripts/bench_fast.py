@@ -32,6 +32,7 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, open_dict
 
+from benchmark.callbacks import register_resolvers
 from benchmark.io import atomic_write_json
 from benchmark.recipe import use_amp, use_channels_last, use_compile
 from benchmark.train import Augment, fit, resolve_device
@@ -41,6 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def compose_cfg(dataset: str, overrides: list[str]) -> DictConfig:
+    register_resolvers()  # the configs' ${bench_*:...} resolvers (train=fast: bench_batch_lr)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             config_name="config",

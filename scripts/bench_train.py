@@ -40,6 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision import transforms
 
+from benchmark.callbacks import register_resolvers
 from benchmark.io import atomic_write_json
 from benchmark.train import Augment, autocast, fit, resolve_device, use_amp, use_channels_last
 from benchmark.types import ImageSet
@@ -190,6 +191,7 @@ def bench_loader_only(
 
 
 def compose_cfg(dataset: str, model: str, overrides: list[str]) -> DictConfig:
+    register_resolvers()  # the configs' ${bench_*:...} resolvers (train=fast: bench_batch_lr)
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(
             config_name="config",

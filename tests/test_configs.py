@@ -38,6 +38,7 @@ def test_every_required_group_exists() -> None:
         "hydra",
         "experiment",
         "debug",
+        "track",
     ):
         assert options(group), f"conf/{group}/ is empty"
 
@@ -107,6 +108,26 @@ def test_logger_options(name: str, tmp_path: Path) -> None:
 def test_experiment_options_compose(name: str, tmp_path: Path) -> None:
     cfg = compose_cfg([f"experiment={name}"], tmp_path)
     assert cfg.attack and cfg.defense and cfg.dataset
+
+
+@pytest.mark.parametrize("name", options("track"))
+def test_track_options_set_a_model_and_its_recipe_over_any_dataset(
+    name: str, tmp_path: Path
+) -> None:
+    """A track beats the dataset's default recipe; debug=smoke still shrinks it, and the fast
+    recipe's lr follows the batch size (per 1024 examples)."""
+    expected = {"fast": ("fastnet", "fast"), "standard": ("preact_resnet18", "default")}
+    model, train = expected[name.removesuffix("_cpu")]
+    for dataset in ("cifar10", "mnist5k"):
+        cfg = compose_cfg([f"dataset={dataset}", f"track={name}"], tmp_path)
+        reference = compose_cfg([f"dataset={dataset}", f"train={train}"], tmp_path)
+        assert cfg.model._target_.split(".")[-2] == model
+        assert cfg.train.optimizer == reference.train.optimizer
+        smoke = compose_cfg([f"dataset={dataset}", f"track={name}", "debug=smoke"], tmp_path)
+        assert smoke.train.epochs == 1 and smoke.train.batch_size == 64
+        if train == "fast":
+            assert smoke.train.lr == pytest.approx(cfg.train.lr * 64 / 1024)
+            assert smoke.train.optimizer.lr == smoke.train.lr
 
 
 @pytest.mark.parametrize("name", options("debug"))

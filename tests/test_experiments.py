@@ -243,6 +243,40 @@ def test_cifar10_cpu_is_attacks_undefended_plus_defenses_on_badnets(tmp_path: Pa
     assert all("__undefended" in c[0] for c in cells("cifar10_cpu")[: len(ATTACKS)])
 
 
+@pytest.mark.parametrize(
+    ("name", "mode"), [("fast_validation", "anchor"), ("fast_validation_gpu", "product")]
+)
+def test_fast_validation_runs_every_cell_on_both_tracks_on_the_same_data(
+    name: str, mode: str, tmp_path: Path
+) -> None:
+    params = sweep_params(name)
+    reference, fast = params["track"]
+    assert reference.startswith("standard") and fast.startswith("fast")
+    names = ["__".join(pair) for pair in grid.cells(mode)]
+    assert params["cell"] == names and params["seed"] == ["0"]
+    models = {}
+    for track in params["track"]:
+        runs = [compose_cfg([f"experiment={name}", f"track={track}", c], tmp_path)
+                for c in (f"cell={names[-1]}", "cell=badnets__ulrl")]  # fmt: skip
+        # Only the model and the recipe differ between the tracks: the data, the reserve and
+        # the methods' settings are the cell's.
+        for cfg in runs:
+            assert component(cfg.dataset) == "imagefolder"
+            assert OmegaConf.is_missing(cfg.dataset, "root")
+        models[track] = [(component(c.model), c.train.epochs, c.train.batch_size) for c in runs]
+        shared = [OmegaConf.to_container(c.dataset) for c in runs]
+        shared += [OmegaConf.to_container(c.defense_data) for c in runs]
+        shared += [OmegaConf.to_container(c.attack) for c in runs]
+        shared += [OmegaConf.to_container(c.defense) for c in runs]
+        models[f"{track}/shared"] = shared
+    assert models[f"{reference}/shared"] == models[f"{fast}/shared"]
+    assert {m for m, _, _ in models[reference]} == {"preact_resnet18"}
+    assert {m for m, _, _ in models[fast]} == {"fastnet"}
+    assert {(e, b) for _, e, b in models[fast]} == {(10, 1024)}
+    full = name.endswith("_gpu")
+    assert {(e, b) for _, e, b in models[reference]} == {(100 if full else 20, 128)}
+
+
 def test_every_cell_file_names_its_attack_and_defense(tmp_path: Path) -> None:
     for path in sorted((CONF / "cell").glob("*.yaml")):
         attack, defense = path.stem.split("__")
@@ -392,6 +426,7 @@ PAPER_SETTINGS: dict[str, tuple[str, str, list[str], dict[str, Any]]] = {
 
 def test_every_paper_experiment_has_a_setting_check() -> None:
     others = {"smoke_all", "smoke_full", "cifar10_cpu", "badnets_seeds"}
+    others |= {"fast_validation", "fast_validation_gpu"}
     assert set(EXPERIMENTS) - others == set(PAPER_SETTINGS)
 
 
@@ -431,6 +466,8 @@ RUN_CELLS: dict[str, list[str]] = {
     "smoke_full": ["attack=sig", "defense=linf_prune"],
     "badnets_seeds": ["seed=1"],
     "cifar10_cpu": ["cell=badnets__mmbm"],
+    "fast_validation": ["track=fast_cpu", "cell=badnets__linf_prune"],
+    "fast_validation_gpu": ["track=fast", "cell=wanet__ulrl"],
     # BadNets: the Blend cell needs attack.formula (helper H3's branch).
     "ultraclean_cifar10": ["attack_setting=ultraclean/badnets", "defense=ultraclean"],
     "ultraclean_cifar10_clean_label": [

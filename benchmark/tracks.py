@@ -1,0 +1,133 @@
+"""The fast-track validation table: every cell trained on two tracks, side by side.
+
+A *track* is a model and its recipe chosen together (``conf/track/``: ``standard`` =
+PreAct-ResNet18 + BackdoorBench's recipe, ``fast`` = fastnet + airbench94's recipe; ``*_cpu``
+their 2-core sizes). ``experiment=fast_validation`` runs each (attack, defense) cell once per
+track on the same data and seeds; :func:`compare_tracks` turns the tidy table of that sweep
+(:func:`benchmark.collect.load_records`) into one row per (dataset, attack, defense):
+
+- ``<metric>_<track>``: the defended model's CA, ASR and RA on each track, means over seeds
+  (for ``undefended`` the backdoored model's);
+- ``d_<metric>``: fast - reference, in the same units (fractions);
+- ``effect_<metric>_<track>``: what the defense did on that track, defended - backdoored
+  on the same model (``bd_*`` of the same record), and ``d_effect_<metric>``: fast - reference;
+- ``agrees``: every ``d_*`` within ``tolerance`` (default 0.10, ten points).
+
+The reference track is the one named ``standard*`` (or ``reference=``); exactly two tracks are
+compared. Cells on one track must share one setting (the same config up to the seed): the
+table never averages unlike settings, and names the cell that breaks this.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import pandas as pd
+
+METRICS = ("clean_acc", "asr", "ra")
+EFFECTS = ("clean_acc", "asr")
+KEYS = ["dataset", "attack", "defense"]
+TOLERANCE = 0.10
+
+
+def _track_names(frame: pd.DataFrame, reference: str | None) -> tuple[str, str]:
+    tracks = sorted(t for t in frame["track"].dropna().unique())
+    if len(tracks) != 2:
+        raise ValueError(
+            f"the validation table compares two tracks, found {tracks or 'none'} "
+            "(records without track= are left out; pass one fast_validation sweep)"
+        )
+    if reference is None:
+        named = [t for t in tracks if t.startswith("standard")]
+        if len(named) != 1:
+            raise ValueError(f"no single standard* track among {tracks}: pass reference=")
+        reference = named[0]
+    if reference not in tracks:
+        raise ValueError(f"reference track {reference!r} is not among {tracks}")
+    return reference, next(t for t in tracks if t != reference)
+
+
+def _means(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per (dataset, attack, defense, track): seed means of the defended and backdoored
+    metrics, the seed count, and one setting (else ValueError)."""
+    settings = frame.groupby([*KEYS, "track"])["setting"].nunique()
+    unlike = settings[settings > 1]
+    if not unlike.empty:
+        cell = ", ".join(map(str, unlike.index[0]))
+        raise ValueError(
+            f"unlike settings in one cell ({cell}): {int(unlike.iloc[0])} settings; "
+            "pass the folder of one sweep"
+        )
+    columns = [*METRICS, *(f"bd_{m}" for m in METRICS)]
+    means = frame.groupby([*KEYS, "track"])[columns].mean()
+    means["n_seeds"] = frame.groupby([*KEYS, "track"])["seed"].nunique()
+    return means
+
+
+def compare_tracks(
+    frame: pd.DataFrame, reference: str | None = None, tolerance: float = TOLERANCE
+) -> pd.DataFrame:
+    """The validation table (module docstring) from a tidy table of complete runs."""
+    done = frame[frame["status"] == "complete"]
+    if done.empty:
+        raise ValueError("no complete runs to compare")
+    ref, fast = _track_names(done, reference)
+    means = _means(done)
+    table = pd.DataFrame(index=means.xs(ref, level="track").index.union(
+        means.xs(fast, level="track").index
+    ))  # fmt: skip
+    for track in (ref, fast):
+        part = means.xs(track, level="track").reindex(table.index)
+        for m in METRICS:
+            table[f"{m}_{track}"] = part[m]
+        for m in EFFECTS:
+            table[f"effect_{m}_{track}"] = part[m] - part[f"bd_{m}"]
+        table[f"n_seeds_{track}"] = part["n_seeds"]
+    diffs = []
+    for m in METRICS:
+        table[f"d_{m}"] = table[f"{m}_{fast}"] - table[f"{m}_{ref}"]
+        diffs.append(f"d_{m}")
+    for m in EFFECTS:
+        table[f"d_effect_{m}"] = table[f"effect_{m}_{fast}"] - table[f"effect_{m}_{ref}"]
+        diffs.append(f"d_effect_{m}")
+    table["agrees"] = (table[diffs].abs() <= tolerance).all(axis=1) & table[diffs].notna().all(
+        axis=1
+    )
+    table.attrs.update(reference=ref, fast=fast, tolerance=tolerance)
+    return table.reset_index()
+
+
+def _points(value: float, signed: bool = False) -> str:
+    if pd.isna(value):
+        return "-"
+    return f"{100 * value:+.1f}" if signed else f"{100 * value:.1f}"
+
+
+def markdown(table: pd.DataFrame, metrics: Sequence[str] = METRICS) -> str:
+    """The table in percent: each metric as "reference / fast (difference)", each defense's
+    ASR and CA effects the same way, and whether the tracks agree."""
+    ref, fast = table.attrs["reference"], table.attrs["fast"]
+    names = {"clean_acc": "CA", "asr": "ASR", "ra": "RA"}
+    rows = []
+    for _, r in table.iterrows():
+        row = {k: r[k] for k in KEYS}
+        for m in metrics:
+            row[names[m]] = (
+                f"{_points(r[f'{m}_{ref}'])} / {_points(r[f'{m}_{fast}'])} "
+                f"({_points(r[f'd_{m}'], True)})"
+            )
+        for m in EFFECTS:
+            row[f"defense Δ{names[m]}"] = (
+                "-"
+                if r["defense"] == "undefended"
+                else f"{_points(r[f'effect_{m}_{ref}'], True)} / "
+                f"{_points(r[f'effect_{m}_{fast}'], True)}"
+            )
+        row["agrees"] = "yes" if r["agrees"] else "no"
+        rows.append(row)
+    title = (
+        f"Fast track vs standard recipe: {ref} / {fast} (fast - {ref}), percent; defense Δ = "
+        f"defended - backdoored on the same track; agrees = every difference within "
+        f"{100 * table.attrs['tolerance']:.0f} points\n\n"
+    )
+    return title + pd.DataFrame(rows).to_markdown(index=False, disable_numparse=True) + "\n"

@@ -1,0 +1,70 @@
+"""The fast-track validation table: two tracks per cell, their differences, never unlike
+settings averaged."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from benchmark.collect import load_records
+from benchmark.tracks import compare_tracks, markdown
+from tests.benchmark.records import write_record
+
+
+def track_record(folder: Path, track: str, defense: str, seed: int = 0, **metrics) -> None:
+    overrides = (f"track={track}", f"defense={defense}")
+    write_record(folder, overrides, seed, choices={"track": track}, **metrics)
+
+
+def test_the_tracks_side_by_side_with_differences_and_defense_effects(tmp_path: Path) -> None:
+    # backdoored (records.py): CA 0.97, ASR 0.99 on both tracks
+    for seed, asr in ((0, 0.10), (1, 0.20)):
+        track_record(tmp_path / f"s{seed}", "standard_cpu", "ulrl", seed, asr=asr, clean_acc=0.9)
+    track_record(tmp_path / "f0", "fast_cpu", "ulrl", 0, asr=0.45, clean_acc=0.92)
+    track_record(tmp_path / "f1", "fast_cpu", "ulrl", 1, asr=0.55, clean_acc=0.92)
+    track_record(tmp_path / "su", "standard_cpu", "undefended", asr=0.99, clean_acc=0.97)
+    track_record(tmp_path / "fu", "fast_cpu", "undefended", asr=0.95, clean_acc=0.97)
+    compared = compare_tracks(load_records([tmp_path]))
+    table = compared.set_index("defense")
+    assert table.attrs["reference"] == "standard_cpu" and table.attrs["fast"] == "fast_cpu"
+    ulrl = table.loc["ulrl"]
+    assert ulrl["asr_standard_cpu"] == pytest.approx(0.15) and ulrl["asr_fast_cpu"] == 0.5
+    assert ulrl["d_asr"] == pytest.approx(0.35) and ulrl["d_clean_acc"] == pytest.approx(0.02)
+    assert ulrl["effect_asr_standard_cpu"] == pytest.approx(0.15 - 0.99)
+    assert ulrl["d_effect_asr"] == pytest.approx(0.35)
+    assert ulrl["n_seeds_fast_cpu"] == 2 and not ulrl["agrees"]  # 35 points apart
+    undefended = table.loc["undefended"]
+    assert undefended["d_asr"] == pytest.approx(-0.04) and undefended["agrees"]
+    text = markdown(compared)
+    assert "15.0 / 50.0 (+35.0)" in text and "-84.0 / -49.0" in text
+
+
+def test_a_looser_tolerance_and_an_explicit_reference(tmp_path: Path) -> None:
+    track_record(tmp_path / "a", "standard_cpu", "ulrl", asr=0.1)
+    track_record(tmp_path / "b", "fast_cpu", "ulrl", asr=0.4)
+    frame = load_records([tmp_path])
+    assert compare_tracks(frame, tolerance=0.5)["agrees"].all()
+    swapped = compare_tracks(frame, reference="fast_cpu")
+    assert swapped["d_asr"].iloc[0] == pytest.approx(-0.3)
+
+
+def test_unlike_settings_in_one_cell_are_refused(tmp_path: Path) -> None:
+    track_record(tmp_path / "a", "standard_cpu", "ulrl")
+    track_record(tmp_path / "b", "fast_cpu", "ulrl")
+    write_record(
+        tmp_path / "c",
+        ("track=fast_cpu", "defense=ulrl", "debug=smoke"),
+        choices={"track": "fast_cpu"},
+    )
+    with pytest.raises(ValueError, match="unlike settings in one cell"):
+        compare_tracks(load_records([tmp_path]))
+
+
+def test_one_track_or_no_standard_track_is_refused(tmp_path: Path) -> None:
+    track_record(tmp_path / "a", "fast_cpu", "ulrl")
+    with pytest.raises(ValueError, match="compares two tracks"):
+        compare_tracks(load_records([tmp_path]))
+    track_record(tmp_path / "b", "fast", "ulrl")
+    with pytest.raises(ValueError, match="no single standard"):
+        compare_tracks(load_records([tmp_path]))
