@@ -168,24 +168,46 @@ def test_the_config_is_the_class_defaults() -> None:
 
 
 # -- works (slow) ------------------------------------------------------------------------------
-WORKS = [  # a small BadNets cell on mnist5k that the backdoored model learns in seconds
+# A small BadNets cell on mnist5k: 1,200 training images (20% poisoned), a 300-image reserve
+# (defense_data.clean_fraction 0.2), a width-8 small_cnn trained 5 epochs (clean accuracy ~0.73,
+# ASR 1.0), the defense fine-tuning 10 epochs of batch 32. Measured on two loaded cores:
+# ft 0.73 / 1.00 -> 0.84 / 0.33, fp 0.73 / 1.00 -> 0.76 / 0.54 (CA / ASR).
+WORKS = [
     "dataset.max_train=1500",
-    "dataset.max_test=300",
+    "dataset.max_test=200",
+    "defense_data.clean_fraction=0.2",
     "model.width=8",
     "train.batch_size=32",
-    "train.epochs=4",
+    "train.epochs=5",
     "attack.poison_rate=0.2",
+    "defense.epochs=10",
+    "defense.batch_size=32",
+    "device=cpu",
+    "progress=false",
 ]
-FT_SIZE = ["defense.epochs=10", "defense.batch_size=32"]  # 100 reserve images
+
+
+def works_record(defense: str, tmp_path: Path, cache: Path) -> dict[str, Any]:
+    """The cell's record; ``cache`` is shared, so the ft and fp tests train the model once."""
+    from benchmark import pipeline
+    from tests.conftest import compose_cfg
+
+    cfg = compose_cfg(["logger=none", f"defense={defense}", *WORKS], tmp_path)
+    cfg.paths.cache_dir = str(cache)
+    return pipeline.run(cfg, run_dir=tmp_path / "run")
+
+
+@pytest.fixture(scope="session")
+def works_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("works-cache")
 
 
 @pytest.mark.slow
-def test_ft_lowers_badnets_asr_on_mnist5k_and_keeps_clean_accuracy(make_cfg) -> None:
-    from benchmark import pipeline
-
-    cfg = make_cfg("defense=ft", *WORKS, *FT_SIZE, "device=cpu", "progress=false", smoke=False)
-    record = pipeline.run(cfg, run_dir=Path(cfg.paths.output_dir))
+def test_ft_lowers_badnets_asr_on_mnist5k_and_keeps_clean_accuracy(
+    tmp_path: Path, works_cache: Path
+) -> None:
+    record = works_record("ft", tmp_path, works_cache)
     bd, df = record["backdoored"], record["defended"]
-    assert bd["asr"] > 0.8 and bd["clean_acc"] > 0.7  # the backdoor is there
+    assert bd["asr"] > 0.9 and bd["clean_acc"] > 0.6  # the backdoor is there
     assert df["asr"] < bd["asr"] - 0.3
     assert df["clean_acc"] > bd["clean_acc"] - 0.05
