@@ -35,8 +35,10 @@ test set and prunes a fixed 48 of 60 channels, ``face/conv_output_prune.py:7,49`
   model, not "the input of the last child module"; they coincide on PreAct-ResNet18.
 - fine-tuning: ``defenses/ft.py``'s deviations (the harness's ``fit``, bf16 autocast).
 
-Checked against BackdoorBench's ``FinePrune.defense`` in ``tests/defenses/test_fp.py``
-(``fixtures/fp_backdoorbench.json``).
+Checked against BackdoorBench's ``FinePrune.defense``, run unmodified on the fixed fidelity
+input, in ``tests/defenses/test_fp.py`` (``fixtures/fp_backdoorbench.json``). The official Caffe
+script was not run: it needs pycaffe in GPU mode, ``sklearn.externals.joblib`` and data pickles
+(``data/testX.pkl``) and a snapshot that are not in its repository.
 """
 
 from __future__ import annotations
