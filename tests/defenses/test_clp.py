@@ -214,3 +214,19 @@ def test_matches_the_official_code_on_the_fixed_net() -> None:
             assert torch.allclose(layer.bounds, torch.tensor(want["bounds"]).double(), rtol=1e-5)
             assert layer.pruned.tolist() == want["pruned"], (u, layer.norm_name)
             assert want["pruned"] == want["pruned_backdoorbench"]
+
+
+@pytest.mark.slow
+def test_works_on_mnist5k(make_cfg, tmp_path: Path) -> None:
+    """A BadNets small_cnn on mnist5k (smoke size, 4 epochs) through the whole cell: every
+    conv -> BN pair of small_cnn is scored, the record holds the defended metrics, and pruning
+    the outlier channels costs little clean accuracy."""
+    from benchmark import pipeline
+
+    record = pipeline.run(make_cfg("defense=clp", "train.epochs=4"), run_dir=tmp_path / "run")
+    assert record["status"] == "complete", record.get("error")
+    extras = record["defense_extras"]
+    assert extras["layers_scored"] == 3 and extras["channels_scored"] == 32 + 64 + 128
+    assert 0 <= extras["channels_pruned"] <= 0.1 * extras["channels_scored"]
+    drop = record["backdoored"]["clean_acc"] - record["defended"]["clean_acc"]
+    assert drop <= 0.1, record["defended"]

@@ -257,15 +257,15 @@ def test_matches_backdoorbench_and_the_official_code() -> None:
 # -- end to end -------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_works_on_mnist5k(make_cfg, tmp_path: Path) -> None:
-    """A BadNets small_cnn on mnist5k (1,000 images, 8 epochs) and STRIP: detection metrics in
-    the record, the calibration flag rate near the chosen FPR, triggered inputs scored as more
-    suspicious than clean ones."""
+    """A BadNets small_cnn on mnist5k (smoke size, 20% poison, 5 epochs) and STRIP: detection
+    metrics in the record, the calibration flag rate at the chosen FPR, triggered inputs scored
+    as more suspicious than clean ones (measured: AUROC 0.83, TPR 0.61 at FPR 0.14)."""
     cfg = make_cfg(
         "defense=strip",
-        "dataset.max_train=1000",
-        "train.epochs=8",
+        "attack.poison_rate=0.2",
+        "train.epochs=5",
         "model.width=8",
-        "defense.n_overlays=10",
+        "defense.n_overlays=5",
         "defense.threshold_rule=quantile",
         "defense.fpr=0.1",
     )
@@ -273,6 +273,7 @@ def test_works_on_mnist5k(make_cfg, tmp_path: Path) -> None:
     assert record["status"] == "complete", record.get("error")
     d = record["defended"]
     assert d["clean_acc"] == record["backdoored"]["clean_acc"]  # the model is unchanged
-    assert d["det_auroc"] is not None and d["det_auroc"] > 0.6, d
-    assert d["det_fpr"] < 0.3, d
+    assert record["backdoored"]["asr"] > 0.8, record["backdoored"]
+    assert d["det_auroc"] is not None and d["det_auroc"] > 0.7, d
+    assert d["det_tpr"] > d["det_fpr"] and d["det_fpr"] < 0.3, d
     assert 0.0 < record["defense_extras"]["calib_flag_rate"] <= 0.15
