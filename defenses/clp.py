@@ -21,9 +21,10 @@ Deviations:
   the conv's output, directly or through pooling), not from module registration order (the
   code pairs each BN with the last conv registered before it). On plain conv-BN nets the two
   agree. On PreAct-ResNet-18 the tracer pairs the stem conv with ``layer1.0.bn1`` and each
-  block's ``conv1`` with ``bn2`` (9 BN layers, as BackdoorBench); BackdoorBench also pairs each
-  ``bn1`` that normalises a residual sum with the preceding ``conv2`` or shortcut conv
-  (7 more layers), which is not a conv -> BN pair and is not scored here.
+  block's ``conv1`` with ``bn2``: 9 BN layers, paired as BackdoorBench pairs them. BackdoorBench
+  also scores the other 7 ``bn1`` layers, each with the conv registered just before it
+  (``conv2`` or a shortcut conv); those BNs normalise a residual sum, not a conv's output, so
+  they are not scored here (the official README asks to adapt the code for PreAct nets).
 - a pruned channel is masked at the BN output with ``defenses/masking.py`` (a persistent
   ``channel_mask``) instead of zeroing BN's weight and bias: the same output in eval mode, and
   fine-tuning cannot revive it.
