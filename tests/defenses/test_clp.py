@@ -161,6 +161,79 @@ def test_channels_above_the_threshold_are_masked_to_zero() -> None:
         assert torch.all(out[:, kept].abs().sum((0, 2, 3)) > 0)
 
 
+# -- the mechanism on a planted backdoor ------------------------------------------------------
+CHECKER = (torch.arange(3)[:, None] + torch.arange(3)[None, :]) % 2 == 0  # 5 white, 4 black
+
+
+class PlantedNet(ImageClassifier):
+    """3 classes on 1x16x16 images: class c is a bright band of rows ``[4c, 4c + 4)``, read by
+    channel 0 (a 3x3 mean, spectral norm 1/3). Channels 1-14: seeded kernels of norm 0.3-0.5
+    the head ignores. Channel 15 detects a 3x3 checkerboard (+2 white, -3 black, bias -5: norm
+    sqrt(56), dormant on clean images); its maximum in rows 12-15 pushes class 2. BN has
+    identity statistics, so the bounds are the kernels' norms."""
+
+    def __init__(self) -> None:
+        super().__init__(3, 1, (16, 16), [0.0], [1.0])
+        self.conv = nn.Conv2d(1, 16, 3, padding=1)
+        self.bn = nn.BatchNorm2d(16)
+        self.act = nn.ReLU()
+        self.avg = nn.AdaptiveAvgPool2d((4, 1))
+        self.max = nn.AdaptiveMaxPool2d((4, 1))
+        self.fc = nn.Linear(8, 3)
+        g = torch.Generator().manual_seed(0)
+        w, b = torch.zeros(16, 1, 3, 3), torch.zeros(16)
+        w[0] = 1.0 / 9
+        for k in range(1, 15):
+            r = torch.randn(3, 3, generator=g)
+            w[k, 0] = r / r.norm() * (0.3 + 0.2 * k / 14)
+        w[15, 0], b[15] = torch.where(CHECKER, 2.0, -3.0), -5.0
+        head = torch.zeros(3, 8)
+        for c in range(3):
+            head[c, c] = 10.0
+        head[2, 7] = 3.0
+        with torch.no_grad():
+            self.conv.weight.copy_(w)
+            self.conv.bias.copy_(b)
+            self.fc.weight.copy_(head)
+            self.fc.bias.zero_()
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        a = self.act(self.bn(self.conv(self.normalize(x))))
+        return torch.cat([self.avg(a[:, :1]), self.max(a[:, 15:])], 1).flatten(1)
+
+
+def bands(n: int) -> tuple[Tensor, Tensor]:
+    g = torch.Generator().manual_seed(1)
+    y = torch.arange(n) % 3
+    x = 0.3 * torch.rand(n, 1, 16, 16, generator=g)
+    for c in range(3):
+        x[y == c, :, 4 * c : 4 * c + 4] = 0.8 + 0.2 * torch.rand(
+            int((y == c).sum()), 1, 4, 16, generator=g
+        )
+    return x, y
+
+
+def test_mechanism_the_planted_trigger_channel_is_pruned_and_asr_falls() -> None:
+    model = PlantedNet().eval()
+    x, y = bands(90)
+    xt = x[y != 2].clone()
+    xt[:, 0, 13:, 13:] = CHECKER.float()
+
+    def rates(m: nn.Module) -> tuple[float, float]:
+        with torch.no_grad():
+            return float((m(x).argmax(1) == y).float().mean()), float(
+                (m(xt).argmax(1) == 2).float().mean()
+            )
+
+    assert rates(model) == (1.0, 1.0)
+    layers = score_layers(model, 3.0)
+    assert layers[0].bounds[15] == pytest.approx(math.sqrt(56))
+    assert layers[0].bounds[0] == pytest.approx(1 / 3)
+    result = CLP().run(_ctx(model))  # type: ignore[arg-type]
+    assert result.extras["pruned"] == "bn:15"
+    assert rates(result.model) == (1.0, 0.0)
+
+
 # -- the pairs and the run --------------------------------------------------------------------
 def test_preact_pairs_are_the_traced_conv_bn_pairs() -> None:
     model = PreActResNet18(10, 3, (32, 32), [0.5] * 3, [0.25] * 3, width=4)
