@@ -52,6 +52,7 @@ def defend(
         device=comp.device,
         work_dir=run_dir / "defense",
         recipe=cfg.train,
+        augment=augmentation(comp.dataset) if cfg.train.get("augment", True) else None,
     )
     result = defense.run(ctx)
     _check_result(result, len(data.train))

@@ -58,6 +58,9 @@ class DefenseContext:
         device: the training device.
         work_dir: a folder of the defense's own (checkpoints, artifacts).
         recipe: the training recipe (read only).
+        augment: the run's training augmentation, ``(x, gen) -> x`` on float pixels on the
+            device (``gen`` a generator on the device), for defenses with loops of their
+            own; None where the data have none.
     """
 
     train_set: ImageSet
@@ -70,6 +73,7 @@ class DefenseContext:
     device: torch.device
     work_dir: Path
     recipe: DictConfig
+    augment: Callable[[Tensor, torch.Generator], Tensor] | None = None
 
     def generator(self, *names: object) -> torch.Generator:
         """A CPU generator derived from the defense's seed and ``names``."""
