@@ -3,6 +3,7 @@ the mnist5k size of their slow "it works" runs."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -10,22 +11,27 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
+from attacks.badnets import BadNets
+from benchmark.datasets.mnist5k import MNIST5k
 from benchmark.models.small_cnn import SmallCNN
-from benchmark.train import FitResult
-from benchmark.types import ImageSet
+from benchmark.train import FitResult, fit
+from benchmark.types import ImageSet, PoisonedSet
 from defenses.base import DefenseContext
 from tests.defenses.toys import RECIPE
 
-# BadNets 10% on 1,500 mnist5k images, a width-8 SmallCNN trained 3 epochs (~20 s each run on
-# two loaded cores): enough for a backdoor and a separable poison cluster.
-WORKS = (
-    "progress=false",
-    "cache.enabled=false",
-    "dataset.max_train=1500",
-    "dataset.max_test=300",
-    "train.epochs=3",
-    "model.width=8",
-)
+# A short recipe for the slow "it works" tests: SGD with momentum, cosine, batch 32, no
+# augmentation.
+WORKS_RECIPE: dict[str, Any] = {
+    **RECIPE,
+    "epochs": 6,
+    "lr": 0.05,
+    "optimizer": {**RECIPE["optimizer"], "momentum": 0.9},
+    "scheduler": {
+        "_target_": "torch.optim.lr_scheduler.CosineAnnealingLR",
+        "_partial_": True,
+        "T_max": 6,
+    },
+}
 
 
 class FitSpy:
@@ -60,3 +66,17 @@ def small_cnn(seed: int = 0, num_classes: int = 3) -> SmallCNN:
     """A width-4 SmallCNN for 3x8x8 images (16 pooled features), seeded."""
     torch.manual_seed(seed)
     return SmallCNN(num_classes, 3, (8, 8), [0.5] * 3, [0.25] * 3, width=4)
+
+
+@functools.lru_cache(maxsize=1)
+def backdoored_mnist5k(n: int = 1500) -> tuple[SmallCNN, PoisonedSet]:
+    """BadNets (3x3 white square, 5%, target 0) on ``n`` mnist5k training digits (stratified) and
+    a width-8 SmallCNN trained on them (``WORKS_RECIPE``); cached, as both test files use it."""
+    train, _ = MNIST5k(max_train=n, seed=0).load()
+    poisoned = BadNets(poison_rate=0.05).poison(
+        train.subset(torch.arange(n)), torch.Generator().manual_seed(0)
+    )
+    torch.manual_seed(0)
+    model = SmallCNN(10, 1, (28, 28), MNIST5k.mean, MNIST5k.std, width=16)
+    fit(model, poisoned.clean_view(), OmegaConf.create(WORKS_RECIPE), progress=False)
+    return model.eval(), poisoned

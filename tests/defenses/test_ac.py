@@ -17,12 +17,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from benchmark import pipeline
+from benchmark import metrics
 from benchmark.errors import ConfigError
 from defenses.ac import ActivationClustering, poison_clusters, reduce_activations
 from defenses.filter_retrain import extract_features
 from tests.conftest import toy_set
-from tests.defenses.filter_toys import WORKS, FitSpy, make_ctx, small_cnn
+from tests.defenses.filter_toys import FitSpy, backdoored_mnist5k, make_ctx, small_cnn
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ac_official.json"
 
@@ -197,10 +197,14 @@ def test_run_clusters_the_backdoored_features_and_retrains_once_on_the_rest(
 
 # -- it works -----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_flags_badnets_poisons_on_mnist5k(make_cfg: Any, tmp_path: Path) -> None:
-    """BadNets 10% on 1,500 mnist5k images: the poisons form the target class's small cluster
-    (TPR well above FPR; ``smaller`` also removes a cluster of every clean class, so FPR is
-    large by design)."""
-    cfg = make_cfg(*WORKS, "defense=ac", smoke=False)
-    det = pipeline.run(cfg, run_dir=tmp_path / "run")["detection"]
-    assert det["det_tpr"] > 0.8 and det["det_tpr"] > det["det_fpr"] + 0.3
+def test_flags_badnets_poisons_on_mnist5k(tmp_path: Path) -> None:
+    """BadNets 5% (target 0) on 1,500 mnist5k digits, a width-16 SmallCNN (CA ~0.9, ASR ~0.97):
+    the target class's small cluster is mostly poisons and the distance score ranks them high;
+    ``smaller`` also removes a cluster of every clean class, so the FPR is large by design."""
+    model, poisoned = backdoored_mnist5k()
+    ctx = make_ctx(model, poisoned.clean_view(), tmp_path, FitSpy(), small_cnn)
+    result = ActivationClustering().run(ctx)
+    det = metrics.detection(result.train_flags, poisoned.is_poison, result.train_scores)
+    assert det["det_tpr"] > det["det_fpr"] + 0.1 and det["det_auroc"] > 0.75, det
+    target = result.train_flags & (poisoned.y == 0)
+    assert poisoned.is_poison[target].float().mean() > 0.5  # base rate 0.35

@@ -18,12 +18,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from benchmark import pipeline
+from benchmark import metrics
 from benchmark.errors import ConfigError
 from defenses.filter_retrain import extract_features
 from defenses.ss import SpectralSignatures, spectral_scores
 from tests.conftest import toy_set
-from tests.defenses.filter_toys import WORKS, FitSpy, make_ctx, small_cnn
+from tests.defenses.filter_toys import FitSpy, backdoored_mnist5k, make_ctx, small_cnn
 
 FIXTURE = Path(__file__).parent / "fixtures" / "ss_official.json"
 
@@ -181,9 +181,14 @@ def test_run_needs_the_backdoored_model(tmp_path: Path) -> None:
 
 # -- it works -----------------------------------------------------------------------------------
 @pytest.mark.slow
-def test_flags_badnets_poisons_on_mnist5k(make_cfg: Any, tmp_path: Path) -> None:
-    """BadNets 10% on 1,500 mnist5k images, a width-8 SmallCNN trained 3 epochs: the top 15%
-    of each class hold most poisons (TPR well above FPR, AUROC high)."""
-    cfg = make_cfg(*WORKS, "defense=ss", smoke=False)
-    det = pipeline.run(cfg, run_dir=tmp_path / "run")["detection"]
-    assert det["det_tpr"] > 0.6 and det["det_fpr"] < 0.15 and det["det_auroc"] > 0.8
+def test_flags_badnets_poisons_on_mnist5k(tmp_path: Path) -> None:
+    """BadNets 5% (target 0) on 1,500 mnist5k digits, a width-16 SmallCNN (CA ~0.9, ASR ~0.97).
+    The target class holds 75 poisons among ~215 samples, so its top 15% can hold at most ~32
+    of them (TPR <= 0.43): SS removes mostly poisons there, and its TPR is well above its FPR."""
+    model, poisoned = backdoored_mnist5k()
+    ctx = make_ctx(model, poisoned.clean_view(), tmp_path, FitSpy(), small_cnn)
+    result = SpectralSignatures().run(ctx)
+    det = metrics.detection(result.train_flags, poisoned.is_poison, result.train_scores)
+    assert det["det_tpr"] > 0.3 and det["det_tpr"] > 2 * det["det_fpr"], det
+    target = result.train_flags & (poisoned.y == 0)
+    assert poisoned.is_poison[target].float().mean() > 0.75  # base rate 0.35
