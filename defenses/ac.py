@@ -24,7 +24,8 @@ Deviations:
   output on PreAct-ResNet18) in eval mode without augmentation (BackdoorBench: train
   augmentation); PCA, FastICA and KMeans are seeded from the defense seed (ART leaves them
   unseeded); a class with fewer samples than ``nb_dims`` is reduced to its sample count (ART
-  fails there), one with fewer than ``nb_clusters`` samples is not flagged.
+  fails there), one with fewer than ``nb_clusters`` samples is not flagged; ``relative-size``
+  flags nothing in a class without a small cluster (ART's report line raises there).
 - ``train_scores`` (an addition: ART and BackdoorBench give flags only): the distance to the
   largest cluster's centroid in the reduced space over the class's median distance.
 - retraining uses the run's recipe (``ctx.fit``); BackdoorBench retrains 100 epochs (SGD 0.01,

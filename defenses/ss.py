@@ -21,7 +21,8 @@ Deviations:
   augmentation; the official code uses the flattened input of the last stage's 4th unit (eval),
   BackdoorBench the flattened ``layer4`` output with train augmentation.
 - ``train_scores`` are ``s_i / percentile_85(class)`` so they compare across classes (an
-  addition: the official code only removes); a sample is flagged iff its score is > 1.
+  addition: the official code only removes); a sample is flagged iff its score is > 1 (for a
+  positive percentile).
 - retraining uses the run's recipe (``ctx.fit``); BackdoorBench retrains 100 epochs (SGD 0.01,
   momentum 0.9, wd 5e-4, cosine, batch 256, drop_last), the harness's default CIFAR-10 recipe
   (``conf/train/default.yaml``) the same at batch 128; the official code reruns its training.
