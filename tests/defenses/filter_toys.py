@@ -1,5 +1,5 @@
 """What test_ac.py and test_ss.py share: a fit that records its calls, a context, a toy CNN and
-the mnist5k size of their slow "it works" runs."""
+the backdoored mnist5k model of their slow "it works" runs."""
 
 from __future__ import annotations
 
