@@ -11,7 +11,8 @@ track on the same data and seeds; :func:`compare_tracks` turns the tidy table of
 - ``d_<metric>``: fast - reference, in the same units (fractions);
 - ``effect_<metric>_<track>``: what the defense did on that track, defended - backdoored
   on the same model (``bd_*`` of the same record), and ``d_effect_<metric>``: fast - reference;
-- ``agrees``: every ``d_*`` within ``tolerance`` (default 0.10, ten points).
+- ``agrees``: every ``d_*`` within ``tolerance`` (default 0.10, ten points); None where a
+  cell has run on one track only.
 
 The reference track is the one named ``standard*`` (or ``reference=``); exactly two tracks are
 compared. Cells on one track must share one setting (the same config up to the seed): the
@@ -90,9 +91,9 @@ def compare_tracks(
     for m in EFFECTS:
         table[f"d_effect_{m}"] = table[f"effect_{m}_{fast}"] - table[f"effect_{m}_{ref}"]
         diffs.append(f"d_effect_{m}")
-    table["agrees"] = (table[diffs].abs() <= tolerance).all(axis=1) & table[diffs].notna().all(
-        axis=1
-    )
+    within = (table[diffs].abs() <= tolerance).all(axis=1)
+    # A cell run on one track only (a sweep still under way) is not compared: None, not False.
+    table["agrees"] = within.astype(object).where(table[diffs].notna().all(axis=1), None)
     table.attrs.update(reference=ref, fast=fast, tolerance=tolerance)
     return table.reset_index()
 
@@ -123,7 +124,7 @@ def markdown(table: pd.DataFrame, metrics: Sequence[str] = METRICS) -> str:
                 else f"{_points(r[f'effect_{m}_{ref}'], True)} / "
                 f"{_points(r[f'effect_{m}_{fast}'], True)}"
             )
-        row["agrees"] = "yes" if r["agrees"] else "no"
+        row["agrees"] = "-" if r["agrees"] is None else "yes" if r["agrees"] else "no"
         rows.append(row)
     title = (
         f"Fast track vs standard recipe: {ref} / {fast} (fast - {ref}), percent; defense Δ = "

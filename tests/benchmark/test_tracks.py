@@ -49,6 +49,17 @@ def test_a_looser_tolerance_and_an_explicit_reference(tmp_path: Path) -> None:
     assert swapped["d_asr"].iloc[0] == pytest.approx(-0.3)
 
 
+def test_a_cell_on_one_track_only_is_shown_but_not_compared(tmp_path: Path) -> None:
+    track_record(tmp_path / "a", "standard_cpu", "undefended")
+    track_record(tmp_path / "b", "fast_cpu", "undefended")
+    track_record(tmp_path / "c", "fast_cpu", "ulrl", asr=0.3)  # standard_cpu's still running
+    table = compare_tracks(load_records([tmp_path]))
+    by = table.set_index("defense")["agrees"]
+    assert by["undefended"] is True and by["ulrl"] is None
+    line = next(row for row in markdown(table).splitlines() if "| ulrl" in row)
+    assert "- / 30.0 (-)" in line and line.replace(" ", "").endswith("|-|")
+
+
 def test_unlike_settings_in_one_cell_are_refused(tmp_path: Path) -> None:
     track_record(tmp_path / "a", "standard_cpu", "ulrl")
     track_record(tmp_path / "b", "fast_cpu", "ulrl")
