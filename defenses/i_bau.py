@@ -201,19 +201,24 @@ class IBAU(Defense):
 
     def unlearn_round(
         self, model: nn.Module, opt: torch.optim.Optimizer, cached: list[Batch], delta: Tensor,
-        gen: torch.Generator,
+        patches: list[Tensor],
     ) -> None:  # fmt: skip
-        """One pass of hypergradient steps over ``cached`` at the perturbation ``delta``."""
+        """One pass of hypergradient steps over ``cached`` at the perturbation ``delta``;
+        ``patches[b]`` are the indices of batch b that get ``delta``."""
         params = [p for p in model.parameters() if p.requires_grad]
         fp_map = inner_map(model, *cached[0], self.inner_step, self.perturb_weight)
-        for x, y in cached:
-            n_patch = int(x.shape[0] * self.patch_fraction)
-            patched = torch.randperm(x.shape[0], generator=gen)[:n_patch].to(x.device)
-            grads = hypergradient(delta, params, self.k, fp_map, outer_loss(model, x, y, patched))
+        for (x, y), patched in zip(cached, patches, strict=True):
+            outer = outer_loss(model, x, y, patched.to(x.device))
+            grads = hypergradient(delta, params, self.k, fp_map, outer)
             opt.zero_grad(set_to_none=True)
             for p, g in zip(params, grads, strict=True):
                 p.grad = g.detach()
             opt.step()
+
+    def patches(self, cached: list[Batch], gen: torch.Generator) -> list[Tensor]:
+        """``int(n * patch_fraction)`` random indices per batch (``random.sample``)."""
+        sizes = [x.shape[0] for x, _ in cached]
+        return [torch.randperm(n, generator=gen)[: int(n * self.patch_fraction)] for n in sizes]
 
     def run(self, ctx: DefenseContext) -> DefenseResult:
         assert ctx.model is not None, "post-training defenses receive the trained model"
@@ -231,7 +236,7 @@ class IBAU(Defense):
                 fooled = sum(
                     int((model(x + delta).argmax(1) != model(x).argmax(1)).sum()) for x in xs
                 )
-            self.unlearn_round(model, opt, cached, delta, g_patch)
+            self.unlearn_round(model, opt, cached, delta, self.patches(cached, g_patch))
             acc = accuracy(model, data, ctx.device, self.batch_size)
             extras[f"delta_norm_r{r}"] = float(delta.norm())
             extras[f"fooling_rate_r{r}"] = fooled / len(data)
