@@ -18,13 +18,13 @@ from benchmark.types import ImageSet
 from defenses.base import DefenseContext
 from tests.defenses.filter_toys import WORKS_RECIPE, backdoored_mnist5k
 
-N_RESERVE = 300  # the first 300 test digits: the reserve; the others evaluate
+N_RESERVE = 300  # 300 random test digits: the reserve; the others evaluate
 
 
 def splits() -> tuple[ImageSet, ImageSet]:
     """(reserve, evaluation): disjoint halves of the mnist5k test split, never trained on."""
     _, test = MNIST5k(max_train=1500, seed=0).load()
-    idx = torch.arange(len(test))
+    idx = torch.randperm(len(test), generator=torch.Generator().manual_seed(0))  # sorted by class
     return test.subset(idx[:N_RESERVE]), test.subset(idx[N_RESERVE:])
 
 

@@ -204,7 +204,13 @@ def test_nad_removes_a_badnets_backdoor_on_mnist5k(tmp_path: Path) -> None:
     ctx, evaluation = works_ctx(tmp_path)
     ca0, asr0 = ca_asr(ctx.model, evaluation)
     assert asr0 > 0.9 and ca0 > 0.8, (ca0, asr0)
-    defense = NAD(epochs=10, batch_size=32, teacher_epochs=10, teacher_batch_size=32, augment=False)
+    # The official schedule shape (a higher lr, then /10) at a lower peak: the official 0.1 on
+    # this 300-image reserve and width-16 small_cnn measured CA 0.94 -> 0.83, ASR 0.97 -> 0.03;
+    # this setting CA 0.94 -> 0.94, ASR 0.97 -> 0.16 (~8 s on two loaded cores).
+    defense = NAD(
+        epochs=10, batch_size=32, lr=0.05, lr_milestones=[5], teacher_epochs=5,
+        teacher_batch_size=32, augment=False,
+    )  # fmt: skip
     result = defense.run(ctx)
     ca1, asr1 = ca_asr(result.model, evaluation)
     assert asr1 < asr0 - 0.5, (ca0, asr0, ca1, asr1, result.extras)
