@@ -114,34 +114,42 @@ class FixtureNet(nn.Sequential):
         )  # fmt: skip
 
 
+def f64(v: list) -> torch.Tensor:
+    return torch.tensor(v, dtype=torch.float64)
+
+
 def test_one_round_matches_the_official_code() -> None:
-    """The perturbation pass, the two hypergradients and the Adam steps of one round on the
-    fixture's net and batches (patched image fixed per batch): the same values up to float32
-    rounding through two backward passes (1e-5)."""
+    """The perturbation pass, the first hypergradient (and its implicit part: the
+    hypergradient minus the direct gradient, ~1e-5 here) and the Adam steps of one round on the
+    fixture's float64 net and batches (5 of 10 images patched, fixed): float64 rounding through
+    two backward passes (1e-10 absolute; the implicit part to 1e-6 relative)."""
     ref = json.loads(FIXTURE.read_text())
     assert ref["source"].startswith("YiZeng623/I-BAU@d4bfa52")
-    model = FixtureNet()
+    model = FixtureNet().double()
     model.load_state_dict({k: torch.tensor(v) for k, v in ref["state_dict"].items()})
     model.eval()
-    cached = [(torch.tensor(b["x"]), torch.tensor(b["y"])) for b in ref["batches"]]
+    cached = [(f64(b["x"]), torch.tensor(b["y"])) for b in ref["batches"]]
+    patches = [torch.tensor(i) for i in ref["patch_idx"]]
     defense = IBAU()  # the official defaults: k 5, inner step 0.1, weights 0.001, Adam 1e-3
     delta = perturbation(model, [x for x, _ in cached], defense.perturb_lr, defense.perturb_weight)
-    torch.testing.assert_close(delta, torch.tensor(ref["delta"]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(delta, f64(ref["delta"]), atol=1e-10, rtol=1e-8)
     params = list(model.parameters())
-    probe = copy.deepcopy(model)
-    fp_map = inner_map(probe, *cached[0], 0.1, 1e-3)
-    first = hypergradient(
-        delta, list(probe.parameters()), 5, fp_map,
-        outer_loss(probe, *cached[0], torch.tensor(ref["patch_idx"][0])),
-    )  # fmt: skip
-    for ours, theirs in zip(first, ref["hypergrads"][0], strict=True):
-        torch.testing.assert_close(ours, torch.tensor(theirs), atol=1e-5, rtol=1e-4)
+    outer = outer_loss(model, *cached[0], patches[0])
+    first = hypergradient(delta, params, 5, inner_map(model, *cached[0], 0.1, 1e-3), outer)
+    direct = torch.autograd.grad(outer(delta), params)
+    for ours, d, theirs, implicit in zip(
+        first, direct, ref["hypergrads"][0], ref["implicit0"], strict=True
+    ):
+        torch.testing.assert_close(ours, f64(theirs), atol=1e-10, rtol=1e-8)
+        torch.testing.assert_close(ours - d, f64(implicit), atol=1e-12, rtol=1e-6)
+        assert float((ours - d).norm()) > 1e-6  # the implicit part is there
     opt = torch.optim.Adam(params, lr=defense.lr, amsgrad=defense.amsgrad)
-    patches = [torch.tensor(i) for i in ref["patch_idx"]]
     defense.unlearn_round(model, opt, cached, delta, patches)
     for k, v in model.state_dict().items():
-        torch.testing.assert_close(v, torch.tensor(ref["state_after"][k]), atol=1e-5, rtol=1e-5)
-    assert not torch.equal(model[5].weight, torch.tensor(ref["state_dict"]["5.weight"]))
+        torch.testing.assert_close(
+            v, torch.tensor(ref["state_after"][k], dtype=v.dtype), atol=1e-10, rtol=1e-8
+        )
+    assert not torch.equal(model[5].weight, f64(ref["state_dict"]["5.weight"]))
 
 
 def test_run_unlearns_a_copy_in_eval_mode(tmp_path: Path) -> None:
