@@ -33,6 +33,8 @@ penalty and any ``max_norm`` are L2 in pixel units. BackdoorBench adds ``delta``
 CIFAR-10), its penalty ``0.001 ||delta_n||^2`` is ``0.001 / std_c^2`` (~16x) per pixel unit,
 and its SGD step is ``10 std_c^2`` (~0.6) per pixel unit. The normalisation is affine, so the
 two parametrisations describe the same perturbations under those rescaled settings only.
+Unbounded, a pixel-space ``delta`` can grow far beyond the image (measured on mnist5k's
+small_cnn, std 0.31: ||delta|| ~ 800 at batch 32, which wrecked the model); ``max_norm`` bounds it.
 """
 
 from __future__ import annotations

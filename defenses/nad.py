@@ -29,7 +29,9 @@ the tensor that the first (outermost) resolution-changing module reads, named by
 producer, plus the last spatial (H*W > 1) map before pooling. On PreAct-ResNet18 these are
 ``layer1..layer4``, so the default ``[500, 1000]`` is BackdoorBench's layer3 / layer4 with the
 inert term dropped. Deviations: the official checkpoint choice uses test accuracy and ASR
-(``main.py:182-195``): the last epoch is kept; the harness's bf16 autocast where native.
+(``main.py:182-195``): the last epoch is kept; the official training loader adds Cutout(1, 3)
+to crop + flip (``data_loader.py``), here the dataset's augmentation only (as BackdoorBench);
+the harness's bf16 autocast where native (BackdoorBench's NAD loop has no AMP).
 """
 
 from __future__ import annotations
@@ -187,6 +189,8 @@ class NAD(FT):
         teacher_cosine_t_max: int | None = 100,
         augment: bool = True,
     ) -> None:
+        # FT's attributes (epochs, batch_size, lr, ...) are the teacher's; the student's are
+        # in ``self.student``.
         super().__init__(
             teacher_epochs, teacher_batch_size, teacher_lr, teacher_momentum,
             teacher_weight_decay, teacher_cosine_t_max, augment,
