@@ -112,6 +112,38 @@ def test_early_stop_needs_both_cost_moves_and_25_epochs_without_gain() -> None:
     assert not feed(off, 1.0, 4.0, 30)
 
 
+class StubSchedule:
+    """Zero L1 weight; records each step's statistics and stops after ``stop`` steps."""
+
+    def __init__(self, n: int, stop: int) -> None:
+        self.n, self.stop, self.seen = n, stop, []  # type: ignore[var-annotated]
+
+    def cost(self) -> torch.Tensor:
+        return torch.zeros(self.n)
+
+    def observe(self, acc: torch.Tensor, l1: torch.Tensor, current: object) -> bool:
+        mask, pattern = current()  # type: ignore[operator]
+        self.seen.append((acc.clone(), l1.clone(), mask.shape, pattern.shape))
+        return len(self.seen) >= self.stop
+
+
+def test_inversion_drives_the_schedule_and_stops_when_it_says_so() -> None:
+    """``invert_triggers`` with a schedule: one ``observe`` per step with per-trigger minibatch
+    success in [0, 1] and mask L1 (the first = mask_init x H x W), stopped at its request."""
+    from attacks.inversion import invert_triggers
+
+    data = toy_set(24, 3, (3, 8, 8))
+    sched = StubSchedule(3, stop=4)
+    inv = invert_triggers(
+        small_cnn(0).eval(), data.x, data.y, targets=[0, 1, 2], budgets=(1.0,), steps=50,
+        batch_size=8, schedule=sched, mask_init=0.8808,
+    )  # fmt: skip
+    assert len(sched.seen) == 4 and inv.mask.shape == (3, 1, 1, 8, 8)
+    acc, l1, mshape, pshape = sched.seen[0]
+    assert ((acc >= 0) & (acc <= 1)).all() and mshape == (3, 1, 8, 8) and pshape == (3, 3, 8, 8)
+    assert l1.tolist() == pytest.approx([0.8808 * 64] * 3, rel=1e-3)
+
+
 # -- the unlearning set --------------------------------------------------------------------------
 def test_unlearning_set_stamps_a_share_of_the_reserve_per_trigger_with_true_labels() -> None:
     clean = toy_set(50, 5, (3, 6, 6))
