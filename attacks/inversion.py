@@ -43,13 +43,20 @@ Deviations:
     - The budget is a hard bound (projection after optimisation), so the reported triggers
       never exceed it; ABS and Neural Cleanse report whatever the optimisation reached.
     - Fixed number of steps of minibatches (no epochs, no early stopping).
+
+Neural Cleanse's own objective (``defense=nc``) runs through the same loop with a
+``schedule`` (``CostSchedule``): the area hinge is replaced by ``cost[k] * ||m_k||_1`` with a
+per-trigger weight the schedule adapts after every step from the minibatch attack success,
+``mask_init`` sets the initial mask value, and the schedule may stop the loop early and keeps
+its own best triggers (``defenses/nc.py``). Without a schedule nothing changes.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -92,6 +99,21 @@ class InvertedTriggers:
             raise KeyError(f"no trigger inverted for budget {budget} (have {self.budgets})")
         i, j = int(rows[0]), cols[0]
         return self.mask[i, j], self.pattern[i, j]
+
+
+class CostSchedule(Protocol):
+    """An adaptive L1 weight per trigger (Neural Cleanse), driven by ``invert_triggers``."""
+
+    def cost(self) -> Tensor:
+        """``(n_trig,)`` current weights of each trigger's mask L1 norm."""
+        ...
+
+    def observe(
+        self, acc: Tensor, l1: Tensor, current: Callable[[], tuple[Tensor, Tensor]]
+    ) -> bool:
+        """After each step: ``(n_trig,)`` minibatch attack success and mask L1 (before the
+        step); ``current()`` gives the ``(mask, pattern)`` after it. True stops the loop."""
+        ...
 
 
 def stamp(x: Tensor, mask: Tensor, pattern: Tensor) -> Tensor:
@@ -209,6 +231,8 @@ def invert_triggers(
     seed: int = 0,
     amp: bool = False,
     desc: str = "trigger inversion",
+    schedule: CostSchedule | None = None,
+    mask_init: float | None = None,
 ) -> InvertedTriggers:
     """Invert one bounded all-to-one trigger per (target, budget) pair (see the module doc).
 
@@ -227,6 +251,8 @@ def invert_triggers(
         seed: seed of the pattern initialisation and of the minibatch draws.
         amp: bf16 autocast around the model's forward passes.
         desc: the label of the progress bar (one tick per step).
+        schedule: Neural Cleanse's adaptive L1 weights in place of the area hinge (module doc).
+        mask_init: the initial mask value everywhere (default: each trigger's budget).
 
     Returns:
         The projected triggers (on the CPU) with their attack success on ``(x, y)``.
@@ -240,7 +266,8 @@ def invert_triggers(
     target_of = torch.tensor([int(t) for t in targets], dtype=torch.long).repeat_interleave(n_b)
     budget_of = torch.tensor([float(b) for b in budgets], dtype=torch.float32).repeat(n_t)
 
-    init = budget_of.clamp(1e-4, 1 - 1e-4).logit().view(n_trig, 1, 1, 1)
+    start = budget_of if mask_init is None else torch.full((n_trig,), float(mask_init))
+    init = start.clamp(1e-4, 1 - 1e-4).logit().view(n_trig, 1, 1, 1)
     mask_logit = init.expand(n_trig, 1, height, width).clone()
     gen_init = generator(seed, "inversion", "pattern")
     pattern_logit = torch.randn(n_trig, chans, height, width, generator=gen_init)
@@ -272,6 +299,8 @@ def invert_triggers(
             xb = _as_float(x[idx.to(x.device)].to(device, non_blocking=True))
             yb = y[idx.to(y.device)].to(device)
             opt.zero_grad(set_to_none=True)
+            acc = torch.zeros(n_trig, device=device)
+            l1 = torch.zeros(n_trig, device=device)
             for k0 in range(0, n_trig, per_chunk):
                 k1 = min(k0 + per_chunk, n_trig)
                 mask = torch.sigmoid(mask_logit[k0:k1])
@@ -289,8 +318,24 @@ def invert_triggers(
                 area = mask.mean(dim=(1, 2, 3))
                 budget = budget_dev[k0:k1]
                 excess = F.relu(area - budget) + F.relu(area - 1.2 * budget)
-                (ce + penalty * excess).sum().backward()
+                if schedule is None:
+                    (ce + penalty * excess).sum().backward()
+                    continue
+                hit = (logits.detach().argmax(1).view(k1 - k0, n_draw) == tgt[:, None]).float()
+                acc[k0:k1] = (hit * valid).sum(1) / valid.sum(1).clamp(min=1.0)
+                l1[k0:k1] = mask.detach().sum(dim=(1, 2, 3))
+                weight = schedule.cost()[k0:k1].to(device)
+                (ce + weight * mask.sum(dim=(1, 2, 3))).sum().backward()
             opt.step()
+            if schedule is not None and schedule.observe(
+                acc.cpu(),
+                l1.cpu(),
+                lambda: (
+                    torch.sigmoid(mask_logit.detach()).float().cpu(),
+                    torch.sigmoid(pattern_logit.detach()).float().cpu(),
+                ),
+            ):
+                break
         steps_bar.close()
     finally:
         for q, flag in zip(params, flags, strict=True):
