@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 from benchmark.checks import Checks
+from benchmark.data import to_float
 from benchmark.errors import ConfigError
 from benchmark.progress import bar
 from benchmark.recipe import autocast, use_amp
@@ -244,10 +245,11 @@ class ANP(Defense):
         g_aug = generator(ctx.seed, "anp", "augment", device=ctx.device)
         amp = use_amp(ctx.recipe, ctx.device)
         loss_sum, correct = 0.0, 0
+        reserve = reserve.to(ctx.device)  # once, not per batch
         for it in bar(range(self.iterations), desc=f"{self.name} masks", unit="batch"):
             idx = torch.randint(len(reserve), (self.batch_size,), generator=g_batch)
-            x = reserve.x[idx].to(ctx.device).float() / 255.0
-            y = reserve.y[idx].to(ctx.device)
+            x = to_float(reserve.x[idx.to(ctx.device)])
+            y = reserve.y[idx.to(ctx.device)]
             if self.augment and ctx.augment is not None:
                 x = ctx.augment(x, g_aug)
 
