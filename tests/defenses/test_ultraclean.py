@@ -23,7 +23,7 @@ from benchmark import metrics
 from benchmark.errors import ConfigError
 from benchmark.models.small_cnn import SmallCNN
 from benchmark.pipeline import instantiate_entry
-from benchmark.train import Augment, FitResult, fit, predict
+from benchmark.train import Augment, fit, predict
 from benchmark.types import ImageSet
 from defenses.base import DefenseContext
 from defenses.ultraclean import (
@@ -38,6 +38,7 @@ from defenses.ultraclean import (
     top_k_mask,
 )
 from tests.conftest import compose_cfg, toy_set
+from tests.defenses.filter_toys import FitSpy
 
 
 # -- median smoothing ---------------------------------------------------------------------------
@@ -305,17 +306,6 @@ class MeanColour(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return 10.0 * x.mean(dim=(2, 3))
-
-
-class FitSpy:
-    """Records every ``fit`` call and trains nothing."""
-
-    def __init__(self) -> None:
-        self.calls: list[dict[str, Any]] = []
-
-    def __call__(self, model: nn.Module, data: ImageSet, **kw: Any) -> FitResult:
-        self.calls.append({"model": model, "data": data, **kw})
-        return FitResult(epochs=1, history=[{"loss": 1.0, "acc": 0.5}])
 
 
 def make_ctx(
