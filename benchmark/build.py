@@ -71,7 +71,7 @@ def build(cfg: DictConfig, choices: dict[str, Any] | None = None) -> Components:
     dataset.validate()
     c, h, w = dataset.image_shape
     probe = {"num_classes": dataset.num_classes, "in_chans": c, "image_size": (h, w)}
-    validate.check_model(
+    probe_model = validate.check_model(
         lambda: instantiate_entry(cfg.model, "model", **probe, mean=[0.5] * c, std=[0.25] * c),
         dataset.image_shape,
         f"{cfg.model.get('_target_')} with {dataset.num_classes} classes",
@@ -93,6 +93,7 @@ def build(cfg: DictConfig, choices: dict[str, Any] | None = None) -> Components:
     attack.validate(dataset.num_classes, dataset.image_shape, n_train)
     defense: Defense = instantiate_entry(cfg.defense, "defense")
     defense.validate(dataset.num_classes, n_train, n_reserve)
+    defense.check_model(probe_model)
     build_s = round(time.perf_counter() - t0, 3)
     return Components(dataset, attack, defense, device, float(fraction), build_s)
 

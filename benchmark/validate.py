@@ -166,9 +166,10 @@ def check_cell(choices: dict[str, Any]) -> None:
             )
 
 
-def check_model(make: Callable[[], nn.Module], image_shape: Sequence[int], what: str) -> None:
+def check_model(make: Callable[[], nn.Module], image_shape: Sequence[int], what: str) -> nn.Module:
     """Run a probe batch through ``make()``'s model, so a bad ``model.*`` setting fails here
-    in one line instead of at the first training step (after the data load).
+    in one line instead of at the first training step (after the data load); returns the
+    probe model (for ``Defense.check_model``).
 
     The global RNG is restored afterwards: the real models are seeded when they are built.
     """
@@ -187,6 +188,7 @@ def check_model(make: Callable[[], nn.Module], image_shape: Sequence[int], what:
                 f"{what} cannot be built for {c}x{h}x{w} images ({type(err).__name__}: "
                 f"{first}); check the model.* settings",
             ) from None
+    return model
 
 
 def close_matches(name: str, options: Sequence[str], n: int = 3) -> str:

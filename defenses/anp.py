@@ -65,6 +65,7 @@ __all__ = ["ANP", "NeuronMasks", "prune", "select_threshold", "thresholds"]
 log = logging.getLogger(__name__)
 checks = Checks("defense")
 SELECTS = ("reserve_acc", "fixed")
+NO_NORM = "defense=anp masks batch-norm channels; this model has none (e.g. nin): pick another"
 
 
 def norm_layers(model: nn.Module) -> list[tuple[str, nn.modules.batchnorm._BatchNorm]]:
@@ -83,7 +84,7 @@ class NeuronMasks:
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.layers = norm_layers(model)
         if not self.layers:
-            raise ConfigError("model", "defense=anp needs batch-norm layers; this model has none")
+            raise ConfigError("model", NO_NORM)
         sizes = [m.num_features for _, m in self.layers]
         self.mask = [torch.ones(c, device=device, requires_grad=True) for c in sizes]
         self.noise = [torch.zeros(c, device=device, requires_grad=True) for c in sizes]
@@ -231,6 +232,10 @@ class ANP(Defense):
         self.select, self.threshold = select, float(threshold)
         self.max_threshold, self.threshold_step = float(max_threshold), float(threshold_step)
         self.acc_ratio, self.eval_batch_size = float(acc_ratio), eval_batch_size
+
+    def check_model(self, model: nn.Module) -> None:
+        if not norm_layers(model):
+            raise ConfigError("model", NO_NORM)
 
     def optimise_masks(self, ctx: DefenseContext, reserve: ImageSet) -> list[Tensor]:
         """``optimize_mask_cifar.py`` on a copy of the model: the masks' final values."""

@@ -133,6 +133,11 @@ class Defense(ABC):
         """Check the settings against the run's sizes before any data is loaded; raise
         ``benchmark.errors.ConfigError`` naming the key. Default: nothing to check."""
 
+    def check_model(self, model: nn.Module) -> None:
+        """Check that the defense can run on this architecture (a freshly built model of the
+        run, before any training); raise ``ConfigError("model", ...)`` if it cannot.
+        Default: every model."""
+
     @abstractmethod
     def run(self, ctx: DefenseContext) -> DefenseResult:
         """Apply the defense."""

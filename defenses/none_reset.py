@@ -34,9 +34,9 @@ from torch import Tensor, nn
 
 from benchmark.errors import ConfigError
 from benchmark.models.base import ImageClassifier
-from benchmark.models.trace import PASS_THROUGH, InputSlice, consumers, trace
+from benchmark.models.trace import InputSlice, consumers, trace
 
-__all__ = ["PASS_THROUGH", "InputSlice", "ResetSite", "reset_channels", "reset_sites"]
+__all__ = ["InputSlice", "ResetSite", "reset_channels", "reset_sites"]
 
 
 @dataclass(frozen=True, eq=False)

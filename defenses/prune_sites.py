@@ -38,7 +38,7 @@ from torch import Tensor, nn
 
 from benchmark.errors import ConfigError
 from benchmark.models.base import ImageClassifier
-from benchmark.models.trace import ACTIVATION_TYPES, completion_order, trace
+from benchmark.models.trace import activation_types, completion_order, trace
 
 
 # -- where to measure and mask ----------------------------------------------------------------
@@ -81,7 +81,8 @@ def find_site(model: nn.Module) -> PruneSite:
     names = {m: n for n, m in model.named_modules()}
     anchor = last.norm if last.norm is not None else last.conv
     anchor_kind = "norm" if last.norm is not None else "conv"
-    if last.norm is not None and any(isinstance(m, ACTIVATION_TYPES) for m in last.norm.modules()):
+    kinds = activation_types()
+    if last.norm is not None and any(isinstance(m, kinds) for m in last.norm.modules()):
         return PruneSite(names[last.norm], last.norm, last.name, channels, "norm")
 
     sites = {s.module: s for s in model.activation_sites()}

@@ -34,14 +34,12 @@ from torch import Tensor, nn
 from benchmark.checks import Checks
 from benchmark.models import trace
 from benchmark.models.trace import (  # re-exported
-    ACTIVATION_TYPES,
     NORM_TYPES,
     ActivationSite,
     ConvSite,
 )
 
 __all__ = [
-    "ACTIVATION_TYPES",
     "NORM_TYPES",
     "ActivationSite",
     "ConvSite",

@@ -16,14 +16,19 @@ Used by the models (``ImageClassifier.conv_layers`` etc.), NONE (``defenses/none
 l-inf pruning (``defenses/prune_sites.py``), activation clipping (``defenses/clipping.py``) and
 ULRL (``defenses/ulrl_parts.py``). No per-architecture code: activations must be modules
 (``nn.ReLU``), never functional calls, or they are invisible here.
+
+timm's activation classes count only once timm is loaded (``activation_types``): a model cannot
+hold them otherwise, and importing timm (with torchvision, ~4 s) at every start would make each
+CLI call, including one that only reports a bad setting, that much slower.
 """
 
 from __future__ import annotations
 
+import functools
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-import timm.layers.activations as timm_act
 import torch
 from torch import Tensor, nn
 
@@ -36,8 +41,9 @@ NORM_TYPES: tuple[type[nn.Module], ...] = (
     nn.LayerNorm,
 )
 # Activation sites (where MMAC clips). Sigmoid-type gates (squeeze-excite) are not sites: they
-# scale other activations rather than produce features. timm's own classes count too.
-ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
+# scale other activations rather than produce features. timm's own classes count too
+# (``activation_types``).
+TORCH_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.ReLU,
     nn.ReLU6,
     nn.LeakyReLU,
@@ -53,16 +59,9 @@ ACTIVATION_TYPES: tuple[type[nn.Module], ...] = (
     nn.Softplus,
     nn.Tanh,
     nn.Tanhshrink,
-    timm_act.GELU,
-    timm_act.GELUTanh,
-    timm_act.QuickGELU,
-    timm_act.Swish,
-    timm_act.Mish,
-    timm_act.HardSwish,
-    timm_act.HardMish,
-    timm_act.PReLU,
-    timm_act.Tanh,
 )
+TIMM_ACTIVATIONS = ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish")
+TIMM_ACTIVATIONS += ("PReLU", "Tanh")
 # Spatial pooling: per channel. A norm after it still normalises the conv's channels (in eval
 # mode a BatchNorm with positive scale commutes with a max-pool).
 POOL_TYPES: tuple[type[nn.Module], ...] = (
@@ -71,10 +70,10 @@ POOL_TYPES: tuple[type[nn.Module], ...] = (
     nn.AdaptiveAvgPool2d,
     nn.AdaptiveMaxPool2d,
 )
-# Modules a traced channel passes through with its index unchanged (elementwise or per channel).
-PASS_THROUGH: tuple[type[nn.Module], ...] = (
+# Modules a traced channel passes through with its index unchanged (elementwise or per channel),
+# besides the activations.
+CHANNEL_PRESERVING: tuple[type[nn.Module], ...] = (
     *NORM_TYPES,
-    *ACTIVATION_TYPES,
     *POOL_TYPES,
     Scale,
     nn.Dropout,
@@ -82,6 +81,25 @@ PASS_THROUGH: tuple[type[nn.Module], ...] = (
     nn.Identity,
     nn.Flatten,
 )
+
+
+def activation_types() -> tuple[type[nn.Module], ...]:
+    """The activation classes: torch's, and timm's once timm is loaded."""
+    return _activation_types("timm" in sys.modules)
+
+
+def pass_through_types() -> tuple[type[nn.Module], ...]:
+    """Modules a traced channel passes through with its index unchanged."""
+    return CHANNEL_PRESERVING + activation_types()
+
+
+@functools.cache
+def _activation_types(with_timm: bool) -> tuple[type[nn.Module], ...]:
+    if not with_timm:
+        return TORCH_ACTIVATIONS
+    import timm.layers.activations as timm_act
+
+    return TORCH_ACTIVATIONS + tuple(getattr(timm_act, name) for name in TIMM_ACTIVATIONS)
 
 
 # -- the probe pass -----------------------------------------------------------------------------
@@ -218,8 +236,9 @@ def _norm_of(calls: list[Call], i: int) -> Call | None:
 def activation_sites(model: nn.Module, calls: list[Call] | None = None) -> list[ActivationSite]:
     """Every activation module in the order of its first call."""
     order: dict[nn.Module, tuple[str, int]] = {}
+    kinds = activation_types()
     for call in completion_order(trace(model) if calls is None else calls):
-        if isinstance(call.module, ACTIVATION_TYPES):
+        if isinstance(call.module, kinds):
             name, count = order.get(call.module, (call.name, 0))
             order[call.module] = (name, count + 1)
     return [ActivationSite(name, m, count) for m, (name, count) in order.items()]
@@ -267,8 +286,8 @@ def _same_data(src: Tensor, src_version: int, t: Tensor, t_version: int) -> int 
 def consumers(calls: list[Call], start: int) -> list[InputSlice]:
     """The layers consuming the channels of ``calls[start]``'s output (a conv).
 
-    From the conv's output the search follows ``PASS_THROUGH`` modules whose input is that very
-    tensor, not modified in place since (same version), or a contiguous flattening view of it;
+    From the conv's output the search follows ``pass_through_types()`` modules whose input is that
+    very tensor, not modified in place since (same version), or a contiguous flattening view of it;
     it stops at the first ``nn.Conv2d`` (input channel ``j``) or ``nn.Linear`` (input columns of
     channel ``j``), and at anything else (residual additions, concatenations, permutations and
     other functional operations end a path without a consumer).
@@ -280,6 +299,7 @@ def consumers(calls: list[Call], start: int) -> list[InputSlice]:
     channels = int(out.shape[1])
     # Frontier of (tensor, its version, block): block 0 = NCHW, b > 0 = flat, b columns/channel.
     frontier: list[tuple[Tensor, int, int]] = [(out, calls[start].out_version, 0)]
+    passing = pass_through_types()
     seen_calls = {start}
     found: dict[tuple[int, int], InputSlice] = {}
     while frontier:
@@ -303,7 +323,7 @@ def consumers(calls: list[Call], start: int) -> list[InputSlice]:
                 if b > 0 and m.in_features == channels * b:
                     found.setdefault((id(m), b), InputSlice(call.name, m, b))
                 continue
-            if not isinstance(m, PASS_THROUGH) or call.output is None:
+            if not isinstance(m, passing) or call.output is None:
                 continue
             y = call.output
             if isinstance(m, nn.Flatten):

@@ -91,6 +91,18 @@ def test_bad_values_fail_before_any_data_is_loaded(
     assert not (tmp_path / "run" / "metrics.json").exists()
 
 
+def test_a_defense_that_cannot_run_on_the_model_fails_before_any_data_is_loaded(
+    make_cfg, monkeypatch, tmp_path: Path
+) -> None:
+    def no_loading(self: Dataset) -> None:
+        raise AssertionError("data were loaded before the defense checked the model")
+
+    monkeypatch.setattr(Dataset, "load", no_loading)
+    with pytest.raises(ConfigError, match=r"^model: defense=anp masks batch-norm"):
+        pipeline.run(make_cfg("defense=anp", "model=nin"), run_dir=tmp_path / "run")
+    assert not (tmp_path / "run" / "metrics.json").exists()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
 def test_cuda_without_cuda_is_a_config_error(make_cfg, tmp_path: Path) -> None:
     cfg = make_cfg()

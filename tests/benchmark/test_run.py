@@ -99,6 +99,27 @@ def test_bad_value_gives_one_clear_error_and_a_failed_record(tmp_path: Path) -> 
     assert record["status"] == "failed" and "attack.poison_rate" in record["error"]
 
 
+def test_a_run_that_uses_neither_loads_no_timm_or_torchvision(tmp_path: Path) -> None:
+    """Their import costs ~4 s of every start (each bad-setting report, each sweep job)."""
+    code = (
+        "import sys; sys.argv = ['run', 'debug=smoke', 'logger=none', 'train.grad_clip=-1']\n"
+        "import runpy\n"
+        "try:\n    runpy.run_module('benchmark.run', run_name='__main__')\n"
+        "except SystemExit:\n    pass\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'timm', 'torchvision'}))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=ROOT,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert "train.grad_clip" in proc.stdout + proc.stderr
+    assert proc.stdout.strip().splitlines()[-1] == "[]", proc.stdout + proc.stderr
+
+
 def test_unknown_name_lists_the_options(tmp_path: Path) -> None:
     proc = cli(["attack=badnet"], tmp_path)
     out = proc.stdout + proc.stderr

@@ -17,7 +17,8 @@ import torch
 from omegaconf import OmegaConf
 from torch import nn
 
-from benchmark.models.base import ACTIVATION_TYPES, ImageClassifier
+from benchmark.models.base import ImageClassifier
+from benchmark.models.trace import activation_types
 
 from .helpers import MODEL_CONF, MODEL_NAMES, build_model
 
@@ -179,7 +180,7 @@ def test_activation_sites(model_name: str) -> None:
     assert len(sites) == expect.activations
     assert len({id(s.module) for s in sites}) == len(sites)
     assert all(s.calls == 1 for s in sites)
-    every = [(n, m) for n, m in model.named_modules() if isinstance(m, ACTIVATION_TYPES)]
+    every = [(n, m) for n, m in model.named_modules() if isinstance(m, activation_types())]
     assert {id(s.module) for s in sites} == {id(m) for _, m in every}
     if expect.own:
         assert [s.name for s in sites] == [n for n, _ in every]
