@@ -14,6 +14,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 from hydra.types import RunMode
+from hydra.utils import instantiate
 from omegaconf import OmegaConf
 
 from benchmark import grid, pipeline
@@ -418,10 +419,50 @@ PAPER_SETTINGS: dict[str, tuple[str, str, list[str], dict[str, Any]]] = {
     "linf_prune_cifar10": (
         "preact_resnet18",
         "cifar10",
-        ["defense.ranking=inverted_desc"],
+        ["cell=badnets__linf_prune"],
         {"attack.poison_rate": 0.1, "defense.ranking": "inverted_desc"},
     ),
 }
+
+# Each seed paper's experiment: its own defense(s) and the baselines beside it (each file's
+# header says where the list comes from).
+PAPER_BASELINES: dict[str, tuple[set[str], set[str]]] = {
+    "none_cifar10": ({"NONE"}, {"abl", "ac", "ss", "clp"}),  # no clean data
+    "ultraclean_cifar10": ({"ultraclean"}, {"ss", "ac", "abl", "clp"}),  # no clean data
+    "ulrl_cifar10": ({"ulrl"}, {"ft", "fp", "nad", "nc", "anp", "i_bau", "clp"}),
+    "mmac_cifar10": (
+        {"mmac", "mmac_floor0", "mmbm", "mmbm_floor0"},
+        {"ft", "fp", "nad", "nc", "anp", "i_bau", "clp", "strip"},
+    ),
+    "linf_prune_cifar10": (
+        {"linf_prune", "linf_prune_clean_asc", "linf_prune_inverted_diff_desc"},
+        {"fp", "nc"},
+    ),
+}
+
+
+def _defenses_swept(name: str) -> list[tuple[list[str], str]]:
+    """One job per defense of an experiment: (its overrides, the defense's name)."""
+    found: dict[str, list[str]] = {}
+    for job in cells(name):
+        names = [o.split("=", 1)[1] for o in job if o.startswith(("defense=", "cell="))]
+        (defense,) = [n.split("__")[-1] for n in names]
+        found.setdefault(defense, job)
+    return [(job, defense) for defense, job in found.items()]
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_BASELINES))
+def test_paper_experiments_run_their_defense_beside_the_baselines(
+    name: str, tmp_path: Path
+) -> None:
+    own, baselines = PAPER_BASELINES[name]
+    jobs = _defenses_swept(name)
+    assert {d for _, d in jobs} - {"undefended"} == own | baselines
+    for job, _ in jobs:  # each accepts the setting's data sizes (e.g. no clean reserve)
+        cfg = compose_cfg([f"experiment={name}", *job], tmp_path)
+        n = 50_000
+        n_clean = round(cfg.defense_data.clean_fraction * n)
+        instantiate(cfg.defense).validate(10, n - n_clean, n_clean)
 
 
 def test_every_paper_experiment_has_a_setting_check() -> None:
@@ -483,7 +524,7 @@ RUN_CELLS: dict[str, list[str]] = {
     "ulrl_cifar10": ["attack=blend", "defense=ulrl"],
     "mmac_cifar10": ["cell=badnets__mmbm_floor0"],
     "mmac_cifar10_all2all": ["cell=badnets__undefended"],
-    "linf_prune_cifar10": ["defense.ranking=clean_asc"],
+    "linf_prune_cifar10": ["cell=badnets__linf_prune_clean_asc"],
 }
 
 
