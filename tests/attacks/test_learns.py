@@ -24,25 +24,13 @@ def clean_run(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return pipeline.run(cfg, run_dir=tmp / "run")
 
 
-LC_ON_MNIST = (
-    "label-consistent does not reach ASR 0.90 on mnist5k with CA within 2 points (measured: "
-    "0.18 at the paper's settings; 0.61 at 90% of the target class without perturbation, CA "
-    "0.959; 0.82 at the whole class, CA 0.878). Larger PGD radii lower the ASR to ~0: on the "
-    "black MNIST background the perturbation itself is a feature unique to the poisoned images "
-    "and the model learns it instead of the trigger. See README, Attacks."
-)
-
-
+# Not here: label_consistent, which does not reach ASR 0.90 on mnist5k with CA within 2 points
+# (measured: 0.18 at the paper's settings; 0.61 at 90% of the target class without perturbation,
+# CA 0.959; 0.82 at the whole class, CA 0.878; README, Attacks). A strict xfail of it cost CI
+# three minutes to confirm a known limitation; its mechanism is tested in
+# test_label_consistent.py and its run in test_pipeline_attacks.py.
 @pytest.mark.slow
-@pytest.mark.parametrize(
-    "name",
-    [
-        "blend",
-        "sig",
-        "wanet",
-        pytest.param("label_consistent", marks=pytest.mark.xfail(strict=True, reason=LC_ON_MNIST)),
-    ],
-)
+@pytest.mark.parametrize("name", ["blend", "sig", "wanet"])
 def test_attack_learns_on_mnist5k(name: str, clean_run: dict, make_cfg, tmp_path: Path) -> None:
     record = pipeline.run(
         make_cfg(f"attack={name}", "progress=false", smoke=False), run_dir=tmp_path / "run"
