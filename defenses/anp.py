@@ -83,7 +83,7 @@ class NeuronMasks:
 
     def __init__(self, model: nn.Module, device: torch.device) -> None:
         self.layers = norm_layers(model)
-        if not self.layers:
+        if not self.layers:  # the run checked it before training (ANP.check_model)
             raise ConfigError("model", NO_NORM)
         sizes = [m.num_features for _, m in self.layers]
         self.mask = [torch.ones(c, device=device, requires_grad=True) for c in sizes]

@@ -60,8 +60,10 @@ TORCH_ACTIVATIONS: tuple[type[nn.Module], ...] = (
     nn.Tanh,
     nn.Tanhshrink,
 )
-TIMM_ACTIVATIONS = ("GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish")
-TIMM_ACTIVATIONS += ("PReLU", "Tanh")
+# timm.layers.activations' classes, by name (``activation_types``).
+TIMM_ACTIVATIONS = (
+    "GELU", "GELUTanh", "QuickGELU", "Swish", "Mish", "HardSwish", "HardMish", "PReLU", "Tanh",
+)  # fmt: skip
 # Spatial pooling: per channel. A norm after it still normalises the conv's channels (in eval
 # mode a BatchNorm with positive scale commutes with a max-pool).
 POOL_TYPES: tuple[type[nn.Module], ...] = (
