@@ -4,6 +4,10 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
+# Test processes (pytest-xdist), one torch thread each; whole files go to one worker (their
+# module fixtures train once). PYTEST_WORKERS=0 runs in this process, as before.
+PYTEST_WORKERS ?= 2
+XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile)
 
 .DEFAULT_GOAL := help
 .PHONY: help install run test test-slow test-all lint format bench tables fidelity clean
@@ -24,13 +28,13 @@ run: install ## Run the default experiment (BadNets, mnist5k, small_cnn, undefen
 	$(PY) -m benchmark.run $(ARGS)
 
 test: install ## Run the CPU test suite without the tests marked slow (under 10 min on 2 cores)
-	$(PY) -m pytest -m "not slow and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow and not gpu" $(XDIST) $(PYTEST_ARGS)
 
 test-slow: install ## Run the tests marked slow (training runs, sweeps, kill-and-resume)
-	$(PY) -m pytest -m "slow and not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "slow and not gpu" $(XDIST) $(PYTEST_ARGS)
 
 test-all: install ## Both: the whole CPU suite (what CI runs, as test then test-slow)
-	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not gpu" $(XDIST) $(PYTEST_ARGS)
 
 lint: install ## ruff lint and format check
 	$(VENV)/bin/ruff check .

@@ -1,12 +1,13 @@
 """Score -> flag -> remove -> retrain: what the feature-space data filters share (AC, SS).
 
 ``FilterRetrain`` is an in-training defense that (1) takes the pooled penultimate features of
-every training sample from the backdoored model (``ImageClassifier.forward_features``, the
-harness's feature/head split; eval mode, no augmentation, fp32), (2) hands them with the
-training labels to the subclass's ``detect`` (per-class flags and scores, in ``train_set``
-order), (3) retrains a fresh model (``ctx.new_model()``) on the unflagged samples with
-``ctx.fit``, i.e. the run's own training recipe, as UltraClean does. The threat model is the
-unmarked training set and the backdoored model: no test data, no poison marks, no target.
+every training sample from the backdoored model (``benchmark.predict.predict_features``:
+``ImageClassifier.forward_features``, the harness's feature/head split; eval mode, no
+augmentation, fp32), (2) hands them with the training labels to the subclass's ``detect``
+(per-class flags and scores, in ``train_set`` order), (3) retrains a fresh model
+(``ctx.new_model()``) on the unflagged samples with ``ctx.fit``, i.e. the run's own training
+recipe, as UltraClean does. The threat model is the unmarked training set and the backdoored
+model: no test data, no poison marks, no target.
 """
 
 from __future__ import annotations
@@ -18,10 +19,10 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from benchmark.data import to_float
 from benchmark.io import atomic_torch_save
+from benchmark.predict import predict_features
 from defenses.base import Defense, DefenseContext, DefenseResult, Stage
 
 log = logging.getLogger(__name__)
@@ -40,33 +41,6 @@ class Detection:
     flags: Tensor
     scores: Tensor
     extras: dict[str, Any] = field(default_factory=dict)
-
-
-@torch.no_grad()
-def extract_features(
-    model: nn.Module, x: Tensor, *, device: torch.device | str = "cpu", batch_size: int = 512
-) -> Tensor:
-    """``model.forward_features`` of uint8 (or float) images ``x``: ``(N, D)`` float32 on the
-    CPU, in eval mode without augmentation, in the order of ``x``. The model's device and
-    train/eval mode are restored."""
-    if not hasattr(model, "forward_features"):
-        raise TypeError(f"{type(model).__name__} has no forward_features (not an ImageClassifier)")
-    device = torch.device(device)
-    was_training = model.training
-    first = next(model.parameters(), None)
-    home = first.device if first is not None else torch.device("cpu")
-    model.eval()
-    model.to(device)
-    out = []
-    try:
-        for i in range(0, x.shape[0], batch_size):
-            xb = x[i : i + batch_size].to(device)
-            xb = to_float(xb) if xb.dtype == torch.uint8 else xb.float()
-            out.append(model.forward_features(xb).float().flatten(1).cpu())  # type: ignore[operator]
-    finally:
-        model.to(home)
-        model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, 0)
 
 
 def class_indices(y: Tensor, num_classes: int) -> list[Tensor]:
@@ -104,7 +78,7 @@ class FilterRetrain(Defense):
         train = ctx.train_set
         y = train.y.cpu()
         t0 = time.perf_counter()
-        feats = extract_features(ctx.model, train.x, device=ctx.device, batch_size=self.batch_size)
+        feats = predict_features(ctx.model, train.x, device=ctx.device, batch_size=self.batch_size)
         t1 = time.perf_counter()
         det = self.detect(feats, y, ctx.num_classes, ctx.seed)
         t2 = time.perf_counter()

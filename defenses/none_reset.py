@@ -1,7 +1,7 @@
 """What a NONE reset touches: the monitored convs, their norms and their consumers.
 
-Consumers (the "next layer's input slice" of the official ``none/reset_neurons.py``): found by
-the model tracer (``benchmark.models.trace.consumers``), which records each module call's input
+Consumers (the "next layer's input slice" of the official ``none/reset_neurons.py``): found in
+the model tracer's records (``benchmark.models.consumers``): each module call's input
 and output tensors and their version counters in one forward pass. From a conv's output it follows
 channel-preserving modules (norms, activations, pooling, dropout, identity, ``nn.Flatten``)
 whose input is that very tensor, not modified in place since (same version), or a contiguous
@@ -34,7 +34,8 @@ from torch import Tensor, nn
 
 from benchmark.errors import ConfigError
 from benchmark.models.base import ImageClassifier
-from benchmark.models.trace import InputSlice, consumers, trace
+from benchmark.models.consumers import InputSlice, consumers
+from benchmark.models.trace import trace
 
 __all__ = ["InputSlice", "ResetSite", "reset_channels", "reset_sites"]
 

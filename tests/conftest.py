@@ -38,7 +38,13 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
             "BENCH_OUTPUT_DIR": str(root / "outputs"),
         }
     )
-    torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+    # Two cores in CI: two threads in one process, or one each in pytest-xdist's workers (and in
+    # the CLI subprocesses they start, through OMP_NUM_THREADS).
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    threads = max(1, min(2, os.cpu_count() or 1) // workers)
+    if workers > 1:
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
     yield
     os.environ.clear()
     os.environ.update(saved)

@@ -19,8 +19,8 @@ from omegaconf import OmegaConf
 
 from benchmark import metrics
 from benchmark.errors import ConfigError
+from benchmark.predict import predict_features
 from defenses.ac import ActivationClustering, poison_clusters, reduce_activations
-from defenses.filter_retrain import extract_features
 from tests.conftest import toy_set
 from tests.defenses.filter_toys import FitSpy, backdoored_mnist5k, make_ctx, small_cnn
 
@@ -183,7 +183,7 @@ def test_run_clusters_the_backdoored_features_and_retrains_once_on_the_rest(
     result = ActivationClustering(batch_size=7).run(
         make_ctx(model, train, tmp_path, spy, lambda: fresh)
     )
-    want = ActivationClustering().detect(extract_features(model, train.x), train.y, 3, 0)
+    want = ActivationClustering().detect(predict_features(model, train.x), train.y, 3, 0)
     assert torch.equal(result.train_flags, want.flags)
     assert model.training and all(torch.equal(v, state[k]) for k, v in model.state_dict().items())
     assert len(spy.calls) == 1 and spy.calls[0]["model"] is fresh is result.model

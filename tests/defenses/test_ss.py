@@ -20,7 +20,7 @@ from omegaconf import OmegaConf
 
 from benchmark import metrics
 from benchmark.errors import ConfigError
-from defenses.filter_retrain import extract_features
+from benchmark.predict import predict_features
 from defenses.ss import SpectralSignatures, spectral_scores
 from tests.conftest import toy_set
 from tests.defenses.filter_toys import FitSpy, backdoored_mnist5k, make_ctx, small_cnn
@@ -158,7 +158,7 @@ def test_run_scores_the_backdoored_features_and_retrains_once_on_the_rest(tmp_pa
     result = SpectralSignatures(batch_size=7).run(
         make_ctx(model, train, tmp_path, spy, lambda: fresh)
     )
-    feats = extract_features(model, train.x)
+    feats = predict_features(model, train.x)
     want = SpectralSignatures().detect(feats, train.y, 3, 0)
     assert torch.equal(result.train_flags, want.flags)  # batching does not change the flags
     assert torch.allclose(result.train_scores, want.scores)
