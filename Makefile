@@ -4,8 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 ARGS ?=
 PYTEST_ARGS ?=
-# Test processes (pytest-xdist), one torch thread each; whole files go to one worker (their
-# module fixtures train once). PYTEST_WORKERS=0 runs in this process, as before.
+# Test processes (pytest-xdist), one torch thread each; a file runs whole on one worker (its
+# fixtures built once), but tests/conftest.py's SPREAD files go test by test. 0: one process.
 PYTEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile)
 

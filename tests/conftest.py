@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -48,6 +49,34 @@ def _isolated_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     yield
     os.environ.clear()
     os.environ.update(saved)
+
+
+# Files whose tests share no module or session fixture (tests/test_scheduling.py checks), so
+# pytest-xdist may run them test by test on any worker: the sweeps of test_experiments.py alone
+# are half of the slow suite. Every other file runs whole on one worker, its fixtures built once.
+SPREAD = frozenset(
+    {
+        "tests/test_experiments.py",
+        "tests/benchmark/test_sweeps.py",
+        "tests/defenses/test_models.py",
+    }
+)
+
+
+@pytest.hookimpl(optionalhook=True)  # pytest-xdist's hook; absent under -p no:xdist
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    """``--dist loadfile`` (``make test``), except that the ``SPREAD`` files' tests go one by
+    one. (pytest-xdist's own ``loadgroup`` marks do not reach the scheduler under pytest 9.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadScopeScheduling
+
+    class Scheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            return nodeid if path in SPREAD else path
+
+    return Scheduling(config, log)
 
 
 def compose_cfg(overrides: list[str], tmp_path: Path) -> DictConfig:
