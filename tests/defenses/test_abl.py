@@ -67,7 +67,9 @@ def test_ascent_losses_match_the_official_train_step(kind: str, make: Any) -> No
         opt.zero_grad()
         loss.backward()
         opt.step()
-    np.testing.assert_allclose(seen, ref["loss_ascent"], rtol=1e-6)
+    # LGA's easy-batch loss is CE - gamma ~ -1e-3: a float32 CE of ~0.5 carries ~3e-8 of rounding
+    # that differs between CPUs' kernels, so the tolerance is absolute at that scale, not relative.
+    np.testing.assert_allclose(seen, ref["loss_ascent"], rtol=1e-6, atol=1e-7)
     np.testing.assert_allclose(model.weight.detach().numpy(), ref["weight"], rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(model.bias.detach().numpy(), ref["bias"], rtol=1e-5, atol=1e-6)
 
