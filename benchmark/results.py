@@ -36,6 +36,7 @@ from torch import Tensor
 
 from benchmark.io import atomic_write_json
 from benchmark.pictures import labelled_grid, save_png
+from benchmark.recipe import bf16_native
 
 STAGE_KEYS = ("clean_acc", "asr", "ra")
 DEFENDED_KEYS = (*STAGE_KEYS, "det_tpr", "det_fpr", "det_precision", "det_auroc", "der")
@@ -95,7 +96,9 @@ def _git(*args: str) -> str | None:
 
 
 def provenance(device: torch.device, overrides: list[str]) -> dict[str, Any]:
-    """Git commit and dirty flag, package versions, overrides, device, time, host."""
+    """Git commit and dirty flag, package versions, overrides, device, time, host, and what
+    decides the arithmetic: the CPU's model and vector ISA (oneDNN's AVX2 and AVX-512 kernels
+    round differently) and whether bf16 is native (``train.amp: auto`` then trains in bf16)."""
     versions = {}
     for pkg in PACKAGES:
         try:
@@ -113,12 +116,25 @@ def provenance(device: torch.device, overrides: list[str]) -> dict[str, Any]:
         "device_name": (
             torch.cuda.get_device_name(device)
             if device.type == "cuda"
-            else platform.processor() or platform.machine()
+            else _cpu_model() or platform.machine()
         ),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "bf16_native": bf16_native(device),
         "torch_threads": torch.get_num_threads(),
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
     }
+
+
+def _cpu_model() -> str | None:
+    """The CPU's model name from /proc/cpuinfo (``platform.processor()`` is "x86_64" on Linux)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
 
 
 def memory_usage(device: torch.device) -> dict[str, float | None]:

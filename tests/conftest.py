@@ -8,6 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+# One arithmetic on every CI machine: oneDNN's AVX2 kernels, which produced the fidelity fixtures.
+# Its AVX-512 kernels sum in another order, and MMAC's 30-step margin synthesis amplifies that to
+# 5e-3 in the margins (measured on a Xeon with AVX-512 and AMX); on such a CPU oneDNN would also
+# report bf16 as native, so `train.amp: auto` would train every smoke test in bf16 (fastnet on
+# mnist5k then diverges at smoke size). Set before the first oneDNN primitive; subprocesses inherit.
+os.environ.setdefault("DNNL_MAX_CPU_ISA", "AVX2")
+
 import torch
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra

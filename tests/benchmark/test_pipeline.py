@@ -36,7 +36,8 @@ def test_smoke_run_writes_a_complete_record(make_cfg, tmp_path: Path) -> None:
     assert saved["memory"]["peak_rss_mb"] > 0
     prov = saved["provenance"]
     assert torch.__version__.startswith(prov["versions"]["torch"]) and prov["device"] == "cpu"
-    assert {"git_commit", "git_dirty", "overrides", "timestamp"} <= set(prov)
+    assert {"git_commit", "git_dirty", "overrides", "timestamp", "cpu_capability"} <= set(prov)
+    assert isinstance(prov["bf16_native"], bool) and prov["device_name"] != "x86_64"
     assert (tmp_path / "run" / "trigger_grid.png").exists()
     idx = torch.load(tmp_path / "run" / "indices.pt", weights_only=True)
     reserve, train = set(idx["reserve_index"].tolist()), set(idx["train_index"].tolist())

@@ -88,6 +88,22 @@ def test_fit_learns_and_is_deterministic() -> None:
     assert (predict(c, data.x) == data.y).float().mean() > 0.9
 
 
+def test_bf16_autocast_on_cpu_learns_and_changes_the_arithmetic() -> None:
+    """``amp: true`` trains under bf16 autocast on CPU too (emulated where bf16 is not native;
+    ``auto`` turns it on where oneDNN reports it native, see ``benchmark.recipe``)."""
+    data = toy_set(128, 4, seed=1)
+    x = data.x.clone()
+    x[:, :, :3, :3] = (data.y * 60).to(torch.uint8)[:, None, None, None]
+    data = type(data)(x, data.y, data.classes)
+    runs = {}
+    for amp in (False, True):
+        model = _model()
+        recipe = OmegaConf.merge(RECIPE, {"amp": amp})
+        runs[amp] = fit(model, data, recipe, epochs=15, scheduler=None, seed=7, progress=False)
+        assert (predict(model, data.x) == data.y).float().mean() > 0.9
+    assert runs[True].history != runs[False].history  # bf16 rounding: not the fp32 numbers
+
+
 def test_resume_after_interruption_equals_uninterrupted(tmp_path: Path) -> None:
     data = toy_set(96, 4, seed=2)
     ckpt = tmp_path / "ckpt.pt"
