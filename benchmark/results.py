@@ -116,7 +116,7 @@ def provenance(device: torch.device, overrides: list[str]) -> dict[str, Any]:
         "device_name": (
             torch.cuda.get_device_name(device)
             if device.type == "cuda"
-            else _cpu_model() or platform.machine()
+            else cpu_model() or platform.machine()
         ),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": bf16_native(device),
@@ -126,7 +126,7 @@ def provenance(device: torch.device, overrides: list[str]) -> dict[str, Any]:
     }
 
 
-def _cpu_model() -> str | None:
+def cpu_model() -> str | None:
     """The CPU's model name from /proc/cpuinfo (``platform.processor()`` is "x86_64" on Linux)."""
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

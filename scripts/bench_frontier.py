@@ -32,6 +32,8 @@ from omegaconf import open_dict
 from benchmark.callbacks import register_resolvers
 from benchmark.io import atomic_write_json
 from benchmark.predict import predict
+from benchmark.recipe import use_amp
+from benchmark.results import cpu_model
 from benchmark.seeding import seed_everything
 from benchmark.train import Augment, fit, resolve_device
 
@@ -84,7 +86,9 @@ def run_point(args: argparse.Namespace, widths: list[int], epochs: int) -> dict:
         "device": str(device),
         "device_name": torch.cuda.get_device_name(device)
         if device.type == "cuda"
-        else platform.processor() or platform.machine(),
+        else cpu_model() or platform.machine(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "amp_bf16": use_amp(cfg.train, device),  # train.amp: auto = bf16 wherever it is native
         "threads": torch.get_num_threads(),
         "widths": widths,
         "params": sum(p.numel() for p in model.parameters()),
