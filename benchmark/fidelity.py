@@ -8,7 +8,8 @@ table (:mod:`benchmark.collect`: one setting, its seeds) one row: the matched re
 our mean, the published number, the delta and a pass/fail at the reference's tolerance, or
 ``not comparable: <reasons>`` ("blend key: noise, the reference used hello_kitty"). A run cell
 matches a CSV row on (dataset, model, attack, defense) and on ``poison_rate_of_train`` (so
-clean-label runs match however their rate was set); then every setting of the YAML must hold,
+clean-label runs match however their rate was set); then every setting of the YAML must hold
+(common, per attack, and per defense: the benchmark's recipe where it differs from our defaults),
 and the run must not carry command-line defense settings (an ablation, not the published
 defense). :func:`reference_rows` lists every reference row with the comparable cell, if any.
 """
@@ -44,10 +45,17 @@ class Reference:
     metrics: list[str] = field(default_factory=lambda: ["clean_acc", "asr", "ra"])
     notes: list[str] = field(default_factory=list)
     attack_notes: dict[str, list[str]] = field(default_factory=dict)
+    defenses: dict[str, dict[str, dict[str, Any]]] = field(default_factory=dict)
+    defense_notes: dict[str, list[str]] = field(default_factory=dict)
 
-    def requirements(self, attack: str) -> dict[str, dict[str, Any]]:
-        """The settings a run of ``attack`` must hold (the attack's own replace common ones)."""
-        return {**self.settings, **self.attacks.get(attack, {})}
+    def requirements(self, attack: str, defense: str | None = None) -> dict[str, dict[str, Any]]:
+        """The settings a run of ``attack`` (and ``defense``) must hold: the common ones, the
+        attack's (which replace common ones), the defense's recipe."""
+        return {**self.settings, **self.attacks.get(attack, {}), **self.defenses.get(defense, {})}
+
+    def notes_of(self, attack: str, defense: str) -> list[str]:
+        """The documented deviations a comparison of (attack, defense) carries."""
+        return self.notes + self.attack_notes.get(attack, []) + self.defense_notes.get(defense, [])
 
 
 def load_references(reference_dir: str | Path) -> list[Reference]:
@@ -68,6 +76,8 @@ def load_references(reference_dir: str | Path) -> list[Reference]:
                 metrics=list(spec.get("metrics", ["clean_acc", "asr", "ra"])),
                 notes=list(spec.get("notes") or []),
                 attack_notes=spec.get("attack_notes") or {},
+                defenses=spec.get("defenses") or {},
+                defense_notes=spec.get("defense_notes") or {},
             )
         )
     return out
@@ -148,7 +158,7 @@ def _cell_reasons(reference: Reference, cell: pd.DataFrame) -> tuple[pd.Series |
     named = {r.split(" ", 1)[0] for r in reasons}
     requirements = {
         k: v
-        for k, v in reference.requirements(first["attack"]).items()
+        for k, v in reference.requirements(first["attack"], first["defense"]).items()
         if not (k.endswith("._target_") and k.split(".")[0] in named)
     }
     reasons += setting_mismatches(first["settings"], first.get("facts") or {}, requirements)
@@ -192,7 +202,7 @@ def compare(frame: pd.DataFrame, references: Iterable[Reference]) -> pd.DataFram
                 row[f"{m}_diff"] = row[f"{m}_ours"] - theirs if pd.notna(theirs) else math.nan
                 if pd.notna(row[f"{m}_diff"]):
                     verdict.append(abs(row[f"{m}_diff"]) <= reference.tolerance)
-            notes = reference.notes + reference.attack_notes.get(done.iloc[0]["attack"], [])
+            notes = reference.notes_of(done.iloc[0]["attack"], done.iloc[0]["defense"])
             if ref["note"]:
                 notes = [ref["note"], *notes]
             out.append(

@@ -131,6 +131,63 @@ def test_the_experiment_cells_hold_every_setting_the_reference_names(
     assert setting_mismatches(settings, {}, reference.requirements(attack)) == []
 
 
+def _leaderboard_defenses(reference) -> list[str]:
+    ours = {p.stem for p in (ROOT / "conf" / "defense").glob("*.yaml")}
+    return sorted(set(reference.numbers["defense"]) & ours - {"undefended"})
+
+
+def test_every_leaderboard_defense_we_run_is_in_the_experiment_with_its_recipe(
+    reference, tmp_path: Path
+) -> None:
+    """experiment=backdoorbench_cifar10 runs each defense as BackdoorBench does
+    (benchmark=backdoorbench), so that every defended cell it makes is comparable."""
+    defenses = _leaderboard_defenses(reference)
+    assert {"ft", "fp", "nad", "nc", "anp", "clp", "i_bau", "abl", "ac", "ss"} <= set(defenses)
+    for defense in defenses:
+        run = ["experiment=backdoorbench_cifar10", "attack_setting=backdoorbench/badnets"]
+        cfg = compose_cfg([*run, f"defense={defense}"], tmp_path)
+        settings = flatten(run_settings(cfg))
+        assert setting_mismatches(settings, {}, reference.requirements("badnets", defense)) == []
+
+
+@pytest.mark.parametrize("defense", ["nad", "anp", "i_bau", "nc"])
+def test_a_defense_recipe_the_reference_names_is_set_only_under_its_benchmark(
+    defense: str, reference, tmp_path: Path
+) -> None:
+    """Each recipe setting of the reference differs from our default (else it says nothing),
+    conf/defense_setting/backdoorbench/<defense>.yaml sets it, and only benchmark=backdoorbench
+    applies that file."""
+    required = reference.defenses[defense]
+    ours = flatten(run_settings(compose_cfg([*CIFAR, f"defense={defense}"], tmp_path)))
+    bb = flatten(run_settings(compose_cfg([*CIFAR, f"defense={defense}", "benchmark=backdoorbench"],
+                                          tmp_path)))  # fmt: skip
+    assert setting_mismatches(ours, {}, required) and not setting_mismatches(bb, {}, required)
+    assert len(setting_mismatches(ours, {}, required)) == len(required)  # each one differs
+    changed = {k for k in bb if k.startswith("defense.") and bb[k] != ours.get(k)}
+    assert changed == set(required)  # the file sets exactly what the reference names
+
+
+def test_a_defense_run_with_our_defaults_is_not_compared_with_backdoorbenchs_recipe(
+    tmp_path: Path, reference
+) -> None:
+    nums = reference.numbers
+    published = nums[(nums["attack"] == "badnets") & (nums["defense"] == "nad")
+                     & (nums["poison_rate"] == 0.1)].iloc[0]  # fmt: skip
+    metrics = {m: published[m] / 100 for m in ("clean_acc", "asr", "ra")}
+    bb = (*CIFAR, "attack_setting=backdoorbench/badnets", "defense=nad")
+    write_record(tmp_path / "ours", bb, **metrics)
+    write_record(tmp_path / "bb", (*bb, "benchmark=backdoorbench"), **metrics)
+    rows = {r["status"]: r for r in _compare(tmp_path, reference).to_dict("records")}
+    assert set(rows) == {"not comparable", "pass"}
+    for reason in ("NAD student lr: 0.1, the reference used 0.01",
+                   "NAD student epochs: 20, the reference used 10",
+                   "NAD student nesterov: True, the reference used False"):  # fmt: skip
+        assert reason in rows["not comparable"]["reasons"]
+    matched = rows["pass"]
+    assert matched["clean_acc_ref"] == pytest.approx(published["clean_acc"])
+    assert "0.0098" in matched["notes"] and "47,500" in matched["notes"]
+
+
 def test_the_reference_numbers_carry_ra_and_say_which_source_they_take(reference) -> None:
     nums = reference.numbers
     ten = nums[nums["poison_rate"] == 0.1]
