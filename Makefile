@@ -10,7 +10,7 @@ PYTEST_WORKERS ?= 2
 XDIST := $(if $(filter 0,$(PYTEST_WORKERS)),-p no:xdist,-n $(PYTEST_WORKERS) --dist loadfile)
 
 .DEFAULT_GOAL := help
-.PHONY: help install run test test-slow test-all lint format bench tables fidelity clean
+.PHONY: help install run test test-slow test-all lint format bench tables fidelity device-kit clean
 
 help: ## List the targets
 	@grep -E '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | \
@@ -54,6 +54,15 @@ tables: install ## Collect outputs/**/metrics.json -> results/tables/
 
 fidelity: install ## Ours vs published numbers for every reference row, and why not -> results/fidelity/
 	$(PY) scripts/fidelity.py outputs $(ARGS)
+
+# The device machine has torch but not these pure-Python packages, and no network.
+DEVICE_WHEELS := hydra-core==1.3.8 omegaconf==2.3.1 mlxtend==0.25.0
+device-kit: install ## Wheels the GPU machine lacks (.whl/) and the CIFAR-10 folder (.device/) for scripts/device_check.sh
+	mkdir -p .whl .device
+	$(PY) -m pip download --quiet --no-deps --only-binary=:all: --python-version 3.12 \
+		--implementation cp --platform any -d .whl $(DEVICE_WHEELS)
+	$(PY) -m pip wheel --quiet --no-deps -w .whl antlr4-python3-runtime==4.9.3
+	cp ../shared/data/cifar10-jpeg.tar.gz .device/
 
 clean: ## Remove caches and run outputs (keeps .venv and data/)
 	rm -rf outputs multirun wandb .cache .pytest_cache .ruff_cache
