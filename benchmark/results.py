@@ -113,17 +113,21 @@ def provenance(device: torch.device, overrides: list[str]) -> dict[str, Any]:
         "versions": versions,
         "overrides": list(overrides),
         "device": str(device),
-        "device_name": (
-            torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else cpu_model() or platform.machine()
-        ),
+        "device_name": device_name(device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "bf16_native": bf16_native(device),
         "torch_threads": torch.get_num_threads(),
         "timestamp": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "host": platform.node(),
     }
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model (else its architecture): what every record and
+    benchmark file names its machine by."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return cpu_model() or platform.machine()
 
 
 def cpu_model() -> str | None:

@@ -21,7 +21,6 @@ import argparse
 import datetime as dt
 import itertools
 import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -35,6 +34,7 @@ from omegaconf import DictConfig, open_dict
 from benchmark.callbacks import register_resolvers
 from benchmark.io import atomic_write_json
 from benchmark.recipe import use_amp, use_channels_last, use_compile
+from benchmark.results import device_name
 from benchmark.train import Augment, fit, resolve_device
 from benchmark.types import ImageSet
 
@@ -142,11 +142,7 @@ def bench(cfg: DictConfig, data: ImageSet, info: dict, device: torch.device, epo
         "bf16_autocast": use_amp(cfg.train, device),
         "channels_last": use_channels_last(cfg.train, device),
         "compile": use_compile(cfg.train, device),
-        "device_name": (
-            torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine()
-        ),
+        "device_name": device_name(device),
     }
 
 

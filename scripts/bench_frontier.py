@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -33,7 +32,7 @@ from benchmark.callbacks import register_resolvers
 from benchmark.io import atomic_write_json
 from benchmark.predict import predict
 from benchmark.recipe import use_amp
-from benchmark.results import cpu_model
+from benchmark.results import device_name
 from benchmark.seeding import seed_everything
 from benchmark.train import Augment, fit, resolve_device
 
@@ -84,9 +83,7 @@ def run_point(args: argparse.Namespace, widths: list[int], epochs: int) -> dict:
     t2 = time.perf_counter()
     return {
         "device": str(device),
-        "device_name": torch.cuda.get_device_name(device)
-        if device.type == "cuda"
-        else cpu_model() or platform.machine(),
+        "device_name": device_name(device),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "amp_bf16": use_amp(cfg.train, device),  # train.amp: auto = bf16 wherever it is native
         "threads": torch.get_num_threads(),

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -42,6 +41,7 @@ from torchvision import transforms
 
 from benchmark.callbacks import register_resolvers
 from benchmark.io import atomic_write_json
+from benchmark.results import device_name
 from benchmark.train import Augment, autocast, fit, resolve_device, use_amp, use_channels_last
 from benchmark.types import ImageSet
 
@@ -294,11 +294,7 @@ def main() -> None:
     results["meta"] = {
         "dataset": args.dataset,
         "device": str(device),
-        "device_name": (
-            torch.cuda.get_device_name(device)
-            if device.type == "cuda"
-            else platform.processor() or platform.machine()
-        ),
+        "device_name": device_name(device),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "date": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),

@@ -142,6 +142,8 @@ def test_every_leaderboard_defense_we_run_is_in_the_experiment_with_its_recipe(
     """experiment=backdoorbench_cifar10 runs each defense as BackdoorBench does
     (benchmark=backdoorbench), so that every defended cell it makes is comparable."""
     defenses = _leaderboard_defenses(reference)
+    files = {p.stem for p in (ROOT / "conf" / "defense_setting" / "backdoorbench").glob("*.yaml")}
+    assert files == set(reference.defenses)  # a recipe file for each recipe the reference names
     assert {"ft", "fp", "nad", "nc", "anp", "clp", "i_bau", "abl", "ac", "ss"} <= set(defenses)
     for defense in defenses:
         run = ["experiment=backdoorbench_cifar10", "attack_setting=backdoorbench/badnets"]
