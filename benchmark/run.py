@@ -35,6 +35,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from benchmark import pipeline
 from benchmark.cache import config_digest
 from benchmark.callbacks import register_resolvers
+from benchmark.composition import install as install_composition_errors
 from benchmark.devices import claim_gpu
 from benchmark.errors import BenchmarkError
 from benchmark.results import empty_record, write_record
@@ -195,4 +196,5 @@ def main(cfg: DictConfig) -> float | None:
 
 
 if __name__ == "__main__":
+    install_composition_errors()  # Hydra's unknown options/keys: one line, exit status 2
     main()

@@ -178,20 +178,22 @@ def test_every_bad_input_gets_one_clear_error_before_any_work(tmp_path: Path) ->
 
 
 @pytest.mark.parametrize(
-    ("args", "message"),
+    ("args", "key", "message"),
     [
-        (("attack=badnet",), "Could not find 'attack/badnet'"),
-        (("model.kwargs.num_classes=3",), "Could not override 'model.kwargs.num_classes'"),
-        (("seed=[",), "no viable alternative at input"),
+        (("attack=badnet",), "attack=badnet", "choose one of badnets, blend"),
+        (("model.kwargs.num_classes=3",), "model.kwargs.num_classes", "no such key"),
+        (("seed=[",), "seed", "cannot parse the override"),
+        (("-m", "attack=badnets,blnd"), "attack=blnd", "close: blend"),
     ],
 )
-def test_hydra_rejects_unknown_names_and_keys_without_a_traceback(
-    tmp_path: Path, args: tuple[str, ...], message: str
+def test_hydra_composition_errors_are_one_line_and_exit_2(
+    tmp_path: Path, args: tuple[str, ...], key: str, message: str
 ) -> None:
-    """Hydra's own composition errors (its exit status 1): a message naming the key or the
-    option, no traceback, nothing written."""
+    """Hydra's own composition errors (benchmark/composition.py): exit status 2, one error
+    line naming the key or the option, no traceback, nothing written; in a sweep the bad
+    second value stops it before the first cell trains."""
     proc = subprocess.run(
-        [sys.executable, "-m", "benchmark.run", "logger=none", *args],
+        [sys.executable, "-m", "benchmark.run", *args, "logger=none"],
         cwd=ROOT,
         env=_env(tmp_path),
         capture_output=True,
@@ -199,6 +201,24 @@ def test_hydra_rejects_unknown_names_and_keys_without_a_traceback(
         timeout=900,
     )
     out = proc.stdout + proc.stderr
-    assert proc.returncode == 1, out
-    assert message in out and "Traceback" not in out, out
+    errors = error_lines(out)
+    assert proc.returncode == 2, out
+    assert len(errors) == 1 and key in errors[0] and message in errors[0], out
+    assert "Traceback" not in out and "HYDRA_FULL_ERROR" not in out, out
     assert not list(tmp_path.rglob("metrics.json"))
+    assert not list(tmp_path.rglob("*.pt"))
+
+
+def test_hydra_full_error_keeps_hydras_report(tmp_path: Path) -> None:
+    """HYDRA_FULL_ERROR=1 is Hydra's switch for its whole report: the guard steps aside."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmark.run", "logger=none", "attack=badnet"],
+        cwd=ROOT,
+        env={**_env(tmp_path), "HYDRA_FULL_ERROR": "1"},
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 1 and "Traceback" in out, out
+    assert "Could not find 'attack/badnet'" in out, out
