@@ -9,7 +9,9 @@ options and the close matches of a misspelt name, and exit with status 2, as
 ``benchmark.errors.ConfigError`` does. A multirun composes every job's config before the
 first starts (Hydra's ``validate_batch_is_legal``), so a bad value anywhere in a sweep stops it
 before any training. ``HYDRA_FULL_ERROR=1`` keeps Hydra's own report (with the traceback).
-Errors raised while a job runs (instantiation included) are not touched.
+Errors raised while a job runs (instantiation included) are not touched. The wrapped reporter
+is Hydra's private ``hydra._internal.utils.run_and_report`` (hydra-core is pinned to 1.3.x in
+``pyproject.toml``; ``tests/benchmark/test_bad_inputs.py`` fails if it moves).
 """
 
 from __future__ import annotations
@@ -27,9 +29,14 @@ from benchmark.validate import close_matches
 INPUT_ERRORS = (OverrideParseException, ConfigCompositionException)
 
 
+def _lines(text: object) -> list[str]:
+    """The non-empty lines of ``text``, stripped, without Hydra's "See https://..." hint."""
+    lines = (line.strip() for line in str(text).splitlines())
+    return [line for line in lines if line and not line.startswith("See https")]
+
+
 def _first_line(text: object) -> str:
-    lines = [line.strip() for line in str(text).strip().splitlines() if line.strip()]
-    return lines[0] if lines else ""
+    return next(iter(_lines(text)), "")
 
 
 def one_line(err: Exception) -> str:
@@ -58,8 +65,7 @@ def one_line(err: Exception) -> str:
             f"spelling (python -m benchmark.run --cfg job lists the keys), or write +{key}=... "
             f"to add a new one"
         )
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    text = "; ".join(line for line in lines if not line.startswith("See https"))
+    text = "; ".join(_lines(err))
     return f"Error: {text}" + (f" ({cause})" if cause and cause not in text else "")
 
 
