@@ -77,15 +77,20 @@ def place(data: ImageSet, device: torch.device, budget_fraction: float = 0.3) ->
 
 
 def bf16_native(device: torch.device) -> bool:
-    """Whether ``device`` computes in bf16 natively: CUDA GPUs that support it, and CPUs whose
-    oneDNN has bf16 kernels (AVX512-BF16 or AMX). Elsewhere bf16 would be emulated and slow."""
+    """Whether ``device`` computes in bf16 faster than in fp32: CUDA GPUs that support it, and
+    CPUs with AMX tiles whose oneDNN has bf16 kernels. AVX512-BF16 alone is not enough: on a Xeon
+    without AMX (2026-12-03) a fastnet 32/128/128 step was 1.4x *slower* in bf16 than in fp32,
+    against 2.4x faster on one with AMX (``results/README.md``); elsewhere bf16 is emulated."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         try:
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            kernels = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+            # torch's own AMX probe (asks the kernel for the tile state; False without AMX).
+            amx = bool(getattr(torch._C._cpu, "_init_amx", lambda: False)())
         except (AttributeError, RuntimeError):
             return False
+        return kernels and amx
     return False
 
 

@@ -5,8 +5,8 @@ float pixels, passed through an optional ``batch_hook`` (training-controlled att
 on the device (random crop with zero padding, horizontal flip where the dataset allows; or an
 attack's own, e.g. WaNet's per-batch ``benchmark.augment.PerBatchAugment``), and fed
 to the model, which normalises inside ``forward``. The loop uses the channels_last memory
-layout (faster on CUDA and on CPU) and bf16 autocast where bf16 is native (CUDA, and CPUs with
-AVX512-BF16/AMX; measured 1.5x for small_cnn on two such EPYC cores, same accuracy). Every
+layout (faster on CUDA and on CPU) and bf16 autocast where bf16 is faster than fp32 (CUDA, and
+CPUs with AMX: 2.4x for fastnet on a Xeon; ``benchmark.recipe.bf16_native``). Every
 random draw comes from generators derived from ``(seed, epoch)``, so a run resumed from its
 per-epoch checkpoint continues exactly as an uninterrupted one would.
 
