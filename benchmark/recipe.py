@@ -79,7 +79,7 @@ def place(data: ImageSet, device: torch.device, budget_fraction: float = 0.3) ->
 def bf16_native(device: torch.device) -> bool:
     """Whether ``device`` computes in bf16 faster than in fp32: CUDA GPUs that support it, and
     CPUs with AMX tiles whose oneDNN has bf16 kernels. AVX512-BF16 alone is not enough: on a Xeon
-    without AMX (2026-12-03) a fastnet 32/128/128 step was 1.4x *slower* in bf16 than in fp32,
+    without AMX (2026-12-03) a fastnet 32/128/128 step was 1.4-1.6x *slower* in bf16 than in fp32,
     against 2.4x faster on one with AMX (``results/README.md``); elsewhere bf16 is emulated."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
