@@ -16,7 +16,9 @@ track on the same data and seeds; :func:`compare_tracks` turns the tidy table of
 
 The reference track is the one named ``standard*`` (or ``reference=``); exactly two tracks are
 compared. Cells on one track must share one setting (the same config up to the seed): the
-table never averages unlike settings, and names the cell that breaks this.
+table never averages unlike settings, and names the cell that breaks this. A study that runs
+over several sessions grows with :func:`update`: the new sweep's rows replace those of the same
+cells in the earlier table, whose other rows are kept.
 """
 
 from __future__ import annotations
@@ -65,6 +67,16 @@ def _means(frame: pd.DataFrame) -> pd.DataFrame:
     return means
 
 
+def _agrees(table: pd.DataFrame, tolerance: float) -> pd.Series:
+    """Every ``d_*`` within ``tolerance``; None for a cell run on one track only (a sweep still
+    under way), which is not compared."""
+    diffs = table[[*(f"d_{m}" for m in METRICS), *(f"d_effect_{m}" for m in EFFECTS)]]
+    within = (diffs.abs() <= tolerance).all(axis=1)
+    complete = diffs.notna().all(axis=1)
+    values = [bool(w) if c else None for w, c in zip(within, complete, strict=True)]
+    return pd.Series(values, index=table.index, dtype=object)
+
+
 def compare_tracks(
     frame: pd.DataFrame, reference: str | None = None, tolerance: float = TOLERANCE
 ) -> pd.DataFrame:
@@ -84,18 +96,31 @@ def compare_tracks(
         for m in EFFECTS:
             table[f"effect_{m}_{track}"] = part[m] - part[f"bd_{m}"]
         table[f"n_seeds_{track}"] = part["n_seeds"]
-    diffs = []
     for m in METRICS:
         table[f"d_{m}"] = table[f"{m}_{fast}"] - table[f"{m}_{ref}"]
-        diffs.append(f"d_{m}")
     for m in EFFECTS:
         table[f"d_effect_{m}"] = table[f"effect_{m}_{fast}"] - table[f"effect_{m}_{ref}"]
-        diffs.append(f"d_effect_{m}")
-    within = (table[diffs].abs() <= tolerance).all(axis=1)
-    # A cell run on one track only (a sweep still under way) is not compared: None, not False.
-    table["agrees"] = within.astype(object).where(table[diffs].notna().all(axis=1), None)
+    table["agrees"] = _agrees(table, tolerance)
     table.attrs.update(reference=ref, fast=fast, tolerance=tolerance)
     return table.reset_index()
+
+
+def update(table: pd.DataFrame, previous: pd.DataFrame) -> pd.DataFrame:
+    """``table`` plus the rows of ``previous`` (an earlier table, e.g. a ``validation.csv`` read
+    back) for the cells ``table`` lacks, ``agrees`` recomputed at ``table``'s tolerance;
+    ValueError if the two do not compare the same tracks (their columns differ)."""
+    if list(previous.columns) != list(table.columns):
+        missing = sorted(set(table.columns) ^ set(previous.columns))
+        raise ValueError(
+            f"the earlier table has other columns ({', '.join(missing[:4])}): "
+            "it compares other tracks; write to another --out-dir"
+        )
+    new = pd.MultiIndex.from_frame(table[KEYS])
+    kept = previous[~pd.MultiIndex.from_frame(previous[KEYS]).isin(new)]
+    merged = pd.concat([table, kept], ignore_index=True).sort_values(KEYS, ignore_index=True)
+    merged["agrees"] = _agrees(merged, table.attrs["tolerance"])
+    merged.attrs.update(table.attrs)
+    return merged
 
 
 def _points(value: float, signed: bool = False) -> str:
@@ -124,7 +149,7 @@ def markdown(table: pd.DataFrame, metrics: Sequence[str] = METRICS) -> str:
                 else f"{_points(r[f'effect_{m}_{ref}'], True)} / "
                 f"{_points(r[f'effect_{m}_{fast}'], True)}"
             )
-        row["agrees"] = "-" if r["agrees"] is None else "yes" if r["agrees"] else "no"
+        row["agrees"] = "-" if pd.isna(r["agrees"]) else "yes" if r["agrees"] else "no"
         rows.append(row)
     title = (
         f"Fast track vs standard recipe: {ref} / {fast} (fast - {ref}), percent; defense Δ = "

@@ -6,7 +6,9 @@
 Pairs every (attack, defense) cell's two tracks (``benchmark.tracks``): CA, ASR and RA on the
 reference (``standard*``) and the fast track, fast - reference, each defense's effect
 (defended - backdoored) per track, and whether every difference is within ``--tolerance``.
-Writes ``validation.csv`` (fractions) and ``validation.md`` (percent) into ``--out-dir``.
+Writes ``validation.csv`` (fractions) and ``validation.md`` (percent) into ``--out-dir``. With
+``--update`` the cells of an earlier ``validation.csv`` there that this sweep lacks are kept
+(a study run over several sessions); the sweep's own cells replace theirs.
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ import argparse
 import sys
 from pathlib import Path
 
+import pandas as pd
+
 from benchmark.collect import load_records
 from benchmark.io import atomic_write_text
-from benchmark.tracks import TOLERANCE, compare_tracks, markdown
+from benchmark.tracks import TOLERANCE, compare_tracks, markdown, update
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -26,6 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out-dir", default="results/fast_validation", help="output folder")
     parser.add_argument("--reference", default=None, help="reference track (default standard*)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="agreement, fraction")
+    parser.add_argument(
+        "--update", action="store_true", help="keep the other cells of --out-dir's table"
+    )
     args = parser.parse_args(argv)
     frame = load_records(args.paths)
     if frame.empty:
@@ -33,10 +40,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     try:
         table = compare_tracks(frame, args.reference, args.tolerance)
+        out = Path(args.out_dir)
+        if args.update and (out / "validation.csv").exists():
+            table = update(table, pd.read_csv(out / "validation.csv"))
     except ValueError as err:
         print(f"fast_validation: {err}", file=sys.stderr)
         return 2
-    out = Path(args.out_dir)
     text = markdown(table)
     atomic_write_text(out / "validation.csv", table.to_csv(index=False))
     atomic_write_text(out / "validation.md", text)

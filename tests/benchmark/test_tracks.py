@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 
 from benchmark.collect import load_records
-from benchmark.tracks import compare_tracks, markdown
+from benchmark.tracks import compare_tracks, markdown, update
 from tests.benchmark.records import write_record
 
 
@@ -79,3 +80,35 @@ def test_one_track_or_no_standard_track_is_refused(tmp_path: Path) -> None:
     track_record(tmp_path / "b", "fast", "ulrl")
     with pytest.raises(ValueError, match="no single standard"):
         compare_tracks(load_records([tmp_path]))
+
+
+def test_update_keeps_the_earlier_cells_and_replaces_the_rerun_ones(tmp_path: Path) -> None:
+    for track, asr in (("standard_cpu", 0.2), ("fast_cpu", 0.5)):  # an earlier session
+        track_record(tmp_path / "old" / track, track, "undefended", asr=asr)
+        track_record(tmp_path / "old" / f"{track}_nc", track, "nc", asr=asr)
+    earlier = tmp_path / "validation.csv"
+    compare_tracks(load_records([tmp_path / "old"])).to_csv(earlier, index=False)
+    assert not pd.read_csv(earlier)["agrees"].any()  # 30 points apart at the default 0.10
+    track_record(tmp_path / "new" / "s", "standard_cpu", "undefended", asr=0.9)
+    track_record(tmp_path / "new" / "f", "fast_cpu", "undefended", asr=0.85)  # a rerun
+    track_record(tmp_path / "new" / "c", "fast_cpu", "clp", asr=0.1)  # standard not run yet
+    new = compare_tracks(load_records([tmp_path / "new"]), tolerance=0.4)
+    merged = update(new, pd.read_csv(earlier))
+    by = merged.set_index("defense")
+    assert list(by.index) == ["clp", "nc", "undefended"]
+    assert by.loc["undefended", "asr_fast_cpu"] == 0.85  # the rerun replaces the earlier cell
+    assert by.loc["nc", "asr_standard_cpu"] == 0.2  # the earlier cell is kept
+    # agrees is recomputed at the new table's tolerance: the kept 30-point gap agrees at 0.4
+    assert by.loc["clp", "agrees"] is None and by.loc["nc", "agrees"] is True
+    assert merged.attrs["tolerance"] == 0.4 and "| clp" in markdown(merged)
+    strict = update(compare_tracks(load_records([tmp_path / "new"])), pd.read_csv(earlier))
+    assert strict.set_index("defense").loc["nc", "agrees"] is False
+
+
+def test_update_refuses_a_table_of_other_tracks(tmp_path: Path) -> None:
+    track_record(tmp_path / "a", "standard_cpu", "ulrl")
+    track_record(tmp_path / "b", "fast_cpu", "ulrl")
+    table = compare_tracks(load_records([tmp_path]))
+    other = table.rename(columns=lambda c: c.replace("fast_cpu", "fast"))
+    with pytest.raises(ValueError, match="compares other tracks"):
+        update(table, other)

@@ -39,3 +39,16 @@ def test_script_refuses_a_single_track(tmp_path: Path, capsys) -> None:
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "compares two tracks" in err
     assert not (tmp_path / "t").exists()
+
+
+def test_script_update_keeps_the_earlier_cells(tmp_path: Path) -> None:
+    out = tmp_path / "table"
+    for name, defense in (("first", "nc"), ("second", "clp")):
+        for track in ("standard_cpu", "fast_cpu"):
+            write_record(tmp_path / name / track, (f"track={track}", f"defense={defense}"),
+                         choices={"track": track})  # fmt: skip
+        args = [str(tmp_path / name), "--out-dir", str(out)]
+        assert _script_main()([*args, "--update"]) == 0
+    assert sorted(pd.read_csv(out / "validation.csv")["defense"]) == ["clp", "nc"]
+    assert _script_main()([str(tmp_path / "second"), "--out-dir", str(out)]) == 0
+    assert list(pd.read_csv(out / "validation.csv")["defense"]) == ["clp"]  # without --update
