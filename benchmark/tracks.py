@@ -17,8 +17,8 @@ track on the same data and seeds; :func:`compare_tracks` turns the tidy table of
 The reference track is the one named ``standard*`` (or ``reference=``); exactly two tracks are
 compared. Cells on one track must share one setting (the same config up to the seed): the
 table never averages unlike settings, and names the cell that breaks this. A study that runs
-over several sessions grows with :func:`update`: the new sweep's rows replace those of the same
-cells in the earlier table, whose other rows are kept.
+over several sessions grows with :func:`update`: the new sweep's values replace those of the
+same cells and tracks in the earlier table, which fills in the rest.
 """
 
 from __future__ import annotations
@@ -67,14 +67,18 @@ def _means(frame: pd.DataFrame) -> pd.DataFrame:
     return means
 
 
-def _agrees(table: pd.DataFrame, tolerance: float) -> pd.Series:
-    """Every ``d_*`` within ``tolerance``; None for a cell run on one track only (a sweep still
-    under way), which is not compared."""
+def _compare(table: pd.DataFrame, ref: str, fast: str, tolerance: float) -> None:
+    """In place: the ``d_*`` columns (fast - reference) and ``agrees``: every ``d_*`` within
+    ``tolerance``, None for a cell run on one track only (a sweep still under way)."""
+    for m in METRICS:
+        table[f"d_{m}"] = table[f"{m}_{fast}"] - table[f"{m}_{ref}"]
+    for m in EFFECTS:
+        table[f"d_effect_{m}"] = table[f"effect_{m}_{fast}"] - table[f"effect_{m}_{ref}"]
     diffs = table[[*(f"d_{m}" for m in METRICS), *(f"d_effect_{m}" for m in EFFECTS)]]
     within = (diffs.abs() <= tolerance).all(axis=1)
     complete = diffs.notna().all(axis=1)
     values = [bool(w) if c else None for w, c in zip(within, complete, strict=True)]
-    return pd.Series(values, index=table.index, dtype=object)
+    table["agrees"] = pd.Series(values, index=table.index, dtype=object)
 
 
 def compare_tracks(
@@ -96,29 +100,28 @@ def compare_tracks(
         for m in EFFECTS:
             table[f"effect_{m}_{track}"] = part[m] - part[f"bd_{m}"]
         table[f"n_seeds_{track}"] = part["n_seeds"]
-    for m in METRICS:
-        table[f"d_{m}"] = table[f"{m}_{fast}"] - table[f"{m}_{ref}"]
-    for m in EFFECTS:
-        table[f"d_effect_{m}"] = table[f"effect_{m}_{fast}"] - table[f"effect_{m}_{ref}"]
-    table["agrees"] = _agrees(table, tolerance)
+    _compare(table, ref, fast, tolerance)
     table.attrs.update(reference=ref, fast=fast, tolerance=tolerance)
     return table.reset_index()
 
 
 def update(table: pd.DataFrame, previous: pd.DataFrame) -> pd.DataFrame:
-    """``table`` plus the rows of ``previous`` (an earlier table, e.g. a ``validation.csv`` read
-    back) for the cells ``table`` lacks, ``agrees`` recomputed at ``table``'s tolerance;
-    ValueError if the two do not compare the same tracks (their columns differ)."""
+    """``table`` completed from ``previous`` (an earlier table, e.g. a ``validation.csv`` read
+    back): a track ``table`` lacks for a cell, or a whole cell, comes from ``previous``; the
+    differences and ``agrees`` are recomputed at ``table``'s tolerance. ValueError if the two
+    do not compare the same tracks (their columns differ)."""
     if list(previous.columns) != list(table.columns):
-        missing = sorted(set(table.columns) ^ set(previous.columns))
+        differ = sorted(set(table.columns) ^ set(previous.columns))
         raise ValueError(
-            f"the earlier table has other columns ({', '.join(missing[:4])}): "
+            f"the earlier table has other columns ({', '.join(differ[:4])}): "
             "it compares other tracks; write to another --out-dir"
         )
-    new = pd.MultiIndex.from_frame(table[KEYS])
-    kept = previous[~pd.MultiIndex.from_frame(previous[KEYS]).isin(new)]
-    merged = pd.concat([table, kept], ignore_index=True).sort_values(KEYS, ignore_index=True)
-    merged["agrees"] = _agrees(merged, table.attrs["tolerance"])
+    # combine_first takes previous's value only where table's is missing, and every column of
+    # a track is missing together (a cell not run on that track this time).
+    merged = table.set_index(KEYS).combine_first(previous.set_index(KEYS))
+    merged = merged.sort_index().reset_index()[list(table.columns)]
+    ref, fast, tolerance = (table.attrs[k] for k in ("reference", "fast", "tolerance"))
+    _compare(merged, ref, fast, tolerance)
     merged.attrs.update(table.attrs)
     return merged
 

@@ -7,8 +7,8 @@ Pairs every (attack, defense) cell's two tracks (``benchmark.tracks``): CA, ASR 
 reference (``standard*``) and the fast track, fast - reference, each defense's effect
 (defended - backdoored) per track, and whether every difference is within ``--tolerance``.
 Writes ``validation.csv`` (fractions) and ``validation.md`` (percent) into ``--out-dir``. With
-``--update`` the cells of an earlier ``validation.csv`` there that this sweep lacks are kept
-(a study run over several sessions); the sweep's own cells replace theirs.
+``--update`` an earlier ``validation.csv`` there fills in what this sweep lacks, whole cells or
+one track of a cell (a study run over several sessions); the sweep's own values replace theirs.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference", default=None, help="reference track (default standard*)")
     parser.add_argument("--tolerance", type=float, default=TOLERANCE, help="agreement, fraction")
     parser.add_argument(
-        "--update", action="store_true", help="keep the other cells of --out-dir's table"
+        "--update", action="store_true", help="fill in from --out-dir's earlier table"
     )
     args = parser.parse_args(argv)
     frame = load_records(args.paths)

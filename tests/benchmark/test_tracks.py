@@ -105,6 +105,20 @@ def test_update_keeps_the_earlier_cells_and_replaces_the_rerun_ones(tmp_path: Pa
     assert strict.set_index("defense").loc["nc", "agrees"] is False
 
 
+def test_update_fills_a_track_the_new_sweep_did_not_rerun(tmp_path: Path) -> None:
+    track_record(tmp_path / "old" / "s", "standard_cpu", "clp", asr=0.7)
+    track_record(tmp_path / "old" / "f", "fast_cpu", "clp", asr=0.6)
+    earlier = compare_tracks(load_records([tmp_path / "old"]))
+    track_record(tmp_path / "new" / "s", "standard_cpu", "undefended")
+    track_record(tmp_path / "new" / "f", "fast_cpu", "undefended")
+    track_record(tmp_path / "new" / "c", "fast_cpu", "clp", asr=0.1)  # only fast rerun
+    new = compare_tracks(load_records([tmp_path / "new"]))
+    assert new.set_index("defense").loc["clp", "agrees"] is None
+    clp = update(new, earlier).set_index("defense").loc["clp"]
+    assert clp["asr_standard_cpu"] == 0.7 and clp["asr_fast_cpu"] == 0.1
+    assert clp["d_asr"] == pytest.approx(-0.6) and clp["agrees"] is False
+
+
 def test_update_refuses_a_table_of_other_tracks(tmp_path: Path) -> None:
     track_record(tmp_path / "a", "standard_cpu", "ulrl")
     track_record(tmp_path / "b", "fast_cpu", "ulrl")
