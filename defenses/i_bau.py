@@ -35,6 +35,9 @@ and its SGD step is ``10 std_c^2`` (~0.6) per pixel unit. The normalisation is a
 two parametrisations describe the same perturbations under those rescaled settings only.
 Unbounded, a pixel-space ``delta`` can grow far beyond the image (measured on mnist5k's
 small_cnn, std 0.31: ||delta|| ~ 800 at batch 32, which wrecked the model); ``max_norm`` bounds it.
+The official outer lr 1e-3 can itself collapse a model: on the width-16 PreAct-ResNet18 of
+``track=standard_cpu`` (250 reserve images) CA fell from 65.5% to 18.7%; BackdoorBench's 1e-4
+kept 63.1%, and ``max_norm: 10`` did not help (17.8%; results/README.md).
 """
 
 from __future__ import annotations
